@@ -1,0 +1,44 @@
+# sfvideo: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU build of torch where no GPU is present (it lies on local disk here); a CUDA build otherwise.
+TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.5"; else echo "torch==2.13.0"; fi)
+EXTRAS ?= dev
+PYTEST_ARGS ?=
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test demo smoke lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The main job on the embedded toy world, on CPU: initialise the causal generator from the shipped teacher,
+# run Self Forcing with DMD, generate sample videos and print metrics for generator and teacher.
+demo: install
+	$(VENV)/bin/sfvideo demo
+
+smoke: install
+	$(VENV)/bin/sfvideo fit --config configs/toy/dmd.yaml --trainer.max_steps 2
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+bench: install
+	$(VENV)/bin/sfvideo bench generate
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
