@@ -1,0 +1,73 @@
+"""The ``sfvideo`` command.
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands (config files, ``--print_config``,
+overrides such as ``--trainer.max_steps 10``). Commands that need no Trainer are dispatched first:
+
+- ``generate``: stream a video from a trained generator (``sfvideo.generate``);
+- ``bench``: benchmarks printing a table and writing JSON (``sfvideo.bench``);
+- ``export``: write the generator (or its EMA) of a Lightning checkpoint as a diffusers folder;
+- ``encode-prompts``: precompute umT5 prompt embeddings to disk;
+- ``memory``: the per-GPU memory plan of a configuration;
+- ``demo``: the embedded toy-world job (``make demo``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch.cli import LightningCLI
+
+
+class SFVideoCLI(LightningCLI):
+    """LightningCLI whose model brings its own two optimizers (generator and critic)."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
+        parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                                "init_args": {"save_dir": ".", "name": "lightning_logs"}}})
+
+
+def _lazy(module: str, attr: str = "main") -> Callable[[list[str]], None]:
+    def run(argv: list[str]) -> None:
+        import importlib
+
+        getattr(importlib.import_module(module), attr)(argv)
+
+    return run
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "generate": (_lazy("sfvideo.generate"), "Stream a video from a trained generator."),
+    "bench": (_lazy("sfvideo.bench"), "Benchmarks: print a table and write JSON."),
+    "export": (_lazy("sfvideo.export"), "Export a generator (or its EMA) as a diffusers folder."),
+    "encode-prompts": (_lazy("sfvideo.nn.encoders", "encode_prompts_main"), "Precompute prompt embeddings."),
+    "memory": (_lazy("sfvideo.training.memory"), "Per-GPU memory plan of a configuration."),
+    "demo": (_lazy("sfvideo.demo"), "The embedded toy-world job: teacher -> Self Forcing -> samples -> metrics."),
+}
+
+
+def run_lightning(args: list[str] | None = None) -> SFVideoCLI:
+    return SFVideoCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]][0](argv[1:])
+        return
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n")
+        for name, (_, doc) in COMMANDS.items():
+            print(f"  {name:16s}{doc}")
+        print("\nLightning subcommands (fit, validate, test, predict):\n")
+    run_lightning(argv)
+
+
+if __name__ == "__main__":
+    main()

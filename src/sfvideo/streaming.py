@@ -1,0 +1,325 @@
+"""Streaming generation: chunks yielded as soon as they are denoised, any length, prompt switches mid-stream.
+
+:func:`stream` is an iterator over the few-step KV-cached generation of ``sfvideo.diffusion.rollout``. Each chunk
+is produced by :func:`~sfvideo.diffusion.rollout.generate_latents` on that chunk's slice of the noise at its
+absolute ``start_frame`` (the rollout's own per-chunk loop: steps along the trained list, fresh re-noising between
+steps, clean cache refresh), so there is a single implementation of the denoising maths and, for the same noise
+and noise generator, the concatenated stream equals a single ``generate_latents`` call bit for bit.
+
+Length is unbounded by the training window: the KV cache rolls (``window_frames`` recent frames plus
+``sink_frames`` first frames, keys cached before RoPE; see ``sfvideo.nn.kv_cache``).
+
+Prompt switches (LongLive's KV re-cache, notes §2.4, §9): at a chunk boundary where the prompt schedule changes,
+the cross-attention cache is reset (``kv_cache.reset_cross()``) and the self-attention K/V of the frames the cache
+holds are recomputed under the new prompt by re-running the generator on their clean latents at the context
+noise level (timestep 0), chunk by chunk in stream order, exactly as the refresh after each chunk wrote them.
+Without re-caching the old prompt lingers in the cached keys and values; with it the scene stays continuous
+(the latents are kept) while the new prompt takes over.
+
+Timing: every chunk reports its transformer wall time (denoising + refresh, and the re-cache on a switch);
+:func:`decode_stream` adds the codec's streaming-decode time. With ``synchronize=True`` the device is synchronised
+around each timed region, so asynchronous CUDA work is charged to the right region.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sfvideo.diffusion.denoiser import Denoiser
+from sfvideo.diffusion.rollout import generate_latents
+from sfvideo.diffusion.schedule import add_noise
+
+ContextSchedule = Sequence[tuple[int, Tensor]]
+"""``[(start_frame, context (B, L, D)), ...]``: prompt embeddings by latent frame, the first at frame 0."""
+
+
+@dataclass
+class StreamChunk:
+    """One denoised chunk of a stream."""
+
+    index: int
+    """Chunk number in the stream (0-based)."""
+    start_frame: int
+    """Absolute latent frame of ``latents[:, 0]``."""
+    latents: Tensor
+    """Clean latents ``(B, f, C, H, W)``."""
+    segment: int
+    """Index of the prompt (entry of the context schedule) this chunk was generated under."""
+    recached: bool
+    """A prompt switch (cross reset + self-attention re-cache) happened right before this chunk."""
+    transformer_s: float
+    """Transformer wall time of this chunk: denoising steps, cache refresh and re-cache (seconds)."""
+    recache_s: float = 0.0
+    """Part of ``transformer_s`` spent re-caching after a prompt switch."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def check_context_schedule(schedule: ContextSchedule, frames_per_chunk: int, num_frames: int | None) -> None:
+    """Raise a one-line ``ValueError`` unless the schedule starts at 0, increases, and switches on chunk boundaries."""
+    if not schedule:
+        raise ValueError("the prompt schedule is empty")
+    frames = [int(f) for f, _ in schedule]
+    if frames[0] != 0:
+        raise ValueError(f"the prompt schedule must start at frame 0, got {frames[0]}")
+    for a, b in zip(frames, frames[1:]):
+        if b <= a:
+            raise ValueError(f"prompt schedule frames must increase strictly, got {frames}")
+    for f in frames:
+        if f % frames_per_chunk:
+            raise ValueError(
+                f"prompt switch at latent frame {f} is not on a chunk boundary (multiple of {frames_per_chunk})"
+            )
+        if num_frames is not None and f >= num_frames:
+            raise ValueError(f"prompt switch at latent frame {f} is past the video's {num_frames} latent frames")
+
+
+class _CleanHistory:
+    """Clean latents of the chunks the KV cache still holds: the sink chunks and the last ``window`` frames."""
+
+    def __init__(self, sink_frames: int, window_frames: int | None) -> None:
+        self.sink_frames = sink_frames
+        self.window_frames = window_frames
+        self.sink: list[tuple[int, Tensor]] = []
+        self.recent: deque[tuple[int, Tensor]] = deque()
+
+    def add(self, start_frame: int, latents: Tensor) -> None:
+        if start_frame < self.sink_frames:
+            self.sink.append((start_frame, latents))
+            return
+        self.recent.append((start_frame, latents))
+        if self.window_frames is not None:
+            end = start_frame + latents.shape[1]
+            while self.recent and self.recent[0][0] < end - self.window_frames:
+                self.recent.popleft()
+
+    def chunks(self) -> list[tuple[int, Tensor]]:
+        return [*self.sink, *self.recent]
+
+
+def recache(
+    denoiser: Denoiser,
+    kv_cache: Any,
+    history: Sequence[tuple[int, Tensor]],
+    context: Tensor,
+    *,
+    frames_per_chunk: int,
+    context_sigma: float = 0.0,
+    noise_generator: torch.Generator | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """LongLive's KV re-cache on a prompt switch: reset cross-attention, rewrite self-attention under ``context``.
+
+    The cache is emptied (``kv_cache.reset()``: self-attention and cross-attention) and the generator is re-run on
+    the clean latents of every chunk the cache held, in stream order at their absolute start frames and at the
+    context noise level, which is how the refresh after each chunk wrote them in the first place.
+
+    Args:
+        denoiser: The generator.
+        kv_cache: The stream's cache, modified in place.
+        history: ``[(start_frame, clean latents (B, f, C, H, W)), ...]`` in stream order.
+        context: The new prompt embeddings ``(B, L, D)``.
+        frames_per_chunk: Latent frames per chunk.
+        context_sigma: Noise level of the cached context (0 = clean, the release).
+        noise_generator: Source of the context noise when ``context_sigma > 0``.
+        model_kwargs: Extra keyword arguments of every generator call.
+    """
+    kv_cache.reset()
+    kwargs = {"attention": "block_causal", "frames_per_chunk": frames_per_chunk, **(model_kwargs or {})}
+    with torch.no_grad():
+        for start, clean in history:
+            x = clean
+            if context_sigma > 0:
+                eps = torch.randn(x.shape, generator=noise_generator,
+                                  device=noise_generator.device if noise_generator is not None else x.device,
+                                  dtype=x.dtype).to(x.device)
+                x = add_noise(x, eps, context_sigma)
+            sigma = torch.full(x.shape[:2], context_sigma, device=x.device, dtype=torch.float32)
+            denoiser(x, sigma, context, kv_cache=kv_cache, start_frame=start, **kwargs)
+
+
+def stream(
+    denoiser: Denoiser,
+    noise: Tensor,
+    context: Tensor | ContextSchedule,
+    *,
+    step_sigmas: Tensor,
+    frames_per_chunk: int,
+    kv_cache: Any,
+    noise_generator: torch.Generator | None = None,
+    context_sigma: float = 0.0,
+    sink_frames: int | None = None,
+    window_frames: int | None = None,
+    recache_on_switch: bool = True,
+    refresh_last: bool = False,
+    synchronize: bool = False,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Iterator[StreamChunk]:
+    """Generate a video chunk by chunk, yielding each chunk's clean latents as soon as they exist.
+
+    Args:
+        denoiser: The causal generator as a :class:`~sfvideo.diffusion.denoiser.Denoiser`.
+        noise: Initial noise ``(B, F, C, H, W)`` for the whole stream (any ``F`` that is a multiple of
+            ``frames_per_chunk``); chunk ``i`` starts from ``noise[:, i f:(i + 1) f]`` (moved to the cache's device
+            chunk by chunk, so a long stream's noise may live on the CPU).
+        context: Prompt embeddings ``(B, L, D)``, or a schedule ``[(start_frame, (B, L, D)), ...]`` starting at 0
+            with switches on chunk boundaries.
+        step_sigmas: The generator's step sigmas ``(S,)`` (``FlowMatchSchedule.step_sigmas``).
+        frames_per_chunk: Latent frames per chunk (3 chunk-wise, 1 frame-wise).
+        kv_cache: A fresh cache from ``model.new_kv_cache(...)``; rolls past its capacity.
+        noise_generator: Source of the re-noising between steps (and of context noise).
+        context_sigma: Noise level of the cache refresh (0 = clean context, the release).
+        sink_frames / window_frames: Frames the cache keeps (for the re-cache on a prompt switch); default: the
+            cache's own ``sink_frames`` / ``window_frames`` attributes (None window = every frame).
+        recache_on_switch: Re-cache the self-attention K/V under a new prompt (LongLive); False only resets the
+            cross-attention cache.
+        refresh_last: Refresh the cache after the final chunk too (only needed to continue the cache later).
+        synchronize: Synchronise the device around timed regions (accurate timings on CUDA).
+        model_kwargs: Extra keyword arguments of every generator call.
+
+    Yields:
+        :class:`StreamChunk` per chunk, in order.
+    """
+    f = frames_per_chunk
+    num_frames = noise.shape[1]
+    if f <= 0 or num_frames % f:
+        raise ValueError(f"noise has {num_frames} latent frames, not a positive multiple of frames_per_chunk={f}")
+    schedule: list[tuple[int, Tensor]] = [(0, context)] if isinstance(context, Tensor) else list(context)
+    check_context_schedule(schedule, f, num_frames)
+    sink = int(getattr(kv_cache, "sink_frames", 0) or 0) if sink_frames is None else sink_frames
+    window = getattr(kv_cache, "window_frames", None) if window_frames is None else window_frames
+    history = _CleanHistory(sink, window)
+    switches = {int(frame): i for i, (frame, _) in enumerate(schedule)}
+    device = step_sigmas.device
+    segment = 0
+    ctx = schedule[0][1]
+    num_chunks = num_frames // f
+
+    for i in range(num_chunks):
+        start = i * f
+        if synchronize:
+            _sync(device)
+        t0 = time.perf_counter()
+        recached = False
+        recache_s = 0.0
+        if i > 0 and start in switches:
+            segment = switches[start]
+            ctx = schedule[segment][1]
+            if recache_on_switch:
+                recache(denoiser, kv_cache, history.chunks(), ctx, frames_per_chunk=f, context_sigma=context_sigma,
+                        noise_generator=noise_generator, model_kwargs=model_kwargs)
+            else:
+                kv_cache.reset_cross()
+            recached = True
+            if synchronize:
+                _sync(device)
+            recache_s = time.perf_counter() - t0
+        latents = generate_latents(
+            denoiser,
+            noise[:, start : start + f].to(device),
+            ctx,
+            step_sigmas=step_sigmas,
+            frames_per_chunk=f,
+            kv_cache=kv_cache,
+            context_sigma=context_sigma,
+            noise_generator=noise_generator,
+            start_frame=start,
+            refresh_last=refresh_last or i < num_chunks - 1,
+            model_kwargs=model_kwargs,
+        )
+        if synchronize:
+            _sync(device)
+        elapsed = time.perf_counter() - t0
+        history.add(start, latents)
+        yield StreamChunk(index=i, start_frame=start, latents=latents, segment=segment, recached=recached,
+                          transformer_s=elapsed, recache_s=recache_s)
+
+
+@dataclass
+class DecodedChunk:
+    """A streamed chunk with its pixel frames."""
+
+    chunk: StreamChunk
+    frames: Tensor
+    """Pixel frames ``(B, t, 3, H, W)`` in [-1, 1] (t may be 0 while a decoder warms up)."""
+    decode_s: float
+    """Streaming-decode wall time of this chunk (seconds)."""
+
+
+def decode_stream(chunks: Iterable[StreamChunk], decoder: Any, *, synchronize: bool = False) -> Iterator[DecodedChunk]:
+    """Decode each chunk with a codec's stream decoder (``codec.stream_decoder()``) as it arrives."""
+    for chunk in chunks:
+        device = chunk.latents.device
+        if synchronize:
+            _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            frames = decoder.decode_chunk(chunk.latents)
+        if synchronize:
+            _sync(device)
+        yield DecodedChunk(chunk=chunk, frames=frames, decode_s=time.perf_counter() - t0)
+
+
+@dataclass
+class StreamStats:
+    """Latency and throughput of a stream (fill with :meth:`update`, one call per chunk)."""
+
+    start_time: float = field(default_factory=time.perf_counter)
+    """``perf_counter`` when generation started (after model loading and prompt encoding)."""
+    first_chunk_s: float | None = None
+    """Seconds from start until the first chunk's frames were available (decoded if a codec is used)."""
+    chunks: int = 0
+    latent_frames: int = 0
+    pixel_frames: int = 0
+    transformer_s: float = 0.0
+    recache_s: float = 0.0
+    decode_s: float = 0.0
+    per_chunk_s: list[float] = field(default_factory=list)
+    """Transformer + decode seconds of each chunk."""
+
+    def update(self, chunk: StreamChunk, pixel_frames: int = 0, decode_s: float = 0.0) -> None:
+        now = time.perf_counter()
+        if self.first_chunk_s is None:
+            self.first_chunk_s = now - self.start_time
+        self.chunks += 1
+        self.latent_frames += chunk.latents.shape[1]
+        self.pixel_frames += pixel_frames
+        self.transformer_s += chunk.transformer_s
+        self.recache_s += chunk.recache_s
+        self.decode_s += decode_s
+        self.per_chunk_s.append(chunk.transformer_s + decode_s)
+
+    @property
+    def wall_s(self) -> float:
+        return self.transformer_s + self.decode_s
+
+    def fps(self, frames: int | None = None) -> float:
+        """Frames per second over transformer + decode time (pixel frames if decoded, else latent frames)."""
+        n = frames if frames is not None else (self.pixel_frames or self.latent_frames)
+        return n / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "first_chunk_s": self.first_chunk_s,
+            "chunks": self.chunks,
+            "latent_frames": self.latent_frames,
+            "pixel_frames": self.pixel_frames,
+            "transformer_s": self.transformer_s,
+            "recache_s": self.recache_s,
+            "decode_s": self.decode_s,
+            "fps": self.fps(),
+            "transformer_fps": (self.pixel_frames or self.latent_frames) / self.transformer_s
+            if self.transformer_s > 0 else float("nan"),
+        }

@@ -1,0 +1,63 @@
+"""Building the three transformers of a run from config strings (flavor, folder, checkpoint, bundled asset)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def asset_path(name: str) -> Path | None:
+    """Path of a bundled asset (``src/sfvideo/assets/<name>``), or None."""
+    root = resources.files("sfvideo") / "assets" / name
+    path = Path(str(root))
+    return path if path.exists() else None
+
+
+def build_transformer(
+    source: str,
+    *,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    like: nn.Module | None = None,
+) -> nn.Module:
+    """Build a ``WanTransformer`` from a flavor name, a bundled asset, a folder or a checkpoint file.
+
+    Args:
+        source: ``debug``/``toy``/``1.3B``/``14B`` (random weights from ``seed``), a bundled asset name
+            (``toy_teacher``), a diffusers folder, an original Wan2.1 file or a Self Forcing checkpoint.
+        overrides: config overrides for a flavor.
+        seed: seed of random initialisation (flavors only).
+        like: a model whose config a checkpoint without config must follow.
+    """
+    from sfvideo.nn.wan import FLAVORS, WanTransformer
+
+    if source in FLAVORS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return WanTransformer.from_flavor(source, **(overrides or {}))
+    if overrides:
+        raise ValueError(f"overrides apply to flavors ({', '.join(FLAVORS)}) only, not to {source!r}")
+    path = Path(source)
+    if not path.exists():
+        bundled = asset_path(source)
+        if bundled is None:
+            raise FileNotFoundError(
+                f"model source {source!r} is neither a flavor ({', '.join(FLAVORS)}), a bundled asset, nor an "
+                f"existing path"
+            )
+        path = bundled
+    from sfvideo.nn.checkpoint import load_transformer
+
+    config = dict(like.config) if like is not None and hasattr(like, "config") else None
+    return load_transformer(str(path), config=config)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Frozen network: eval mode, no gradients. The single place networks are frozen."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
