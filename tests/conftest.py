@@ -6,6 +6,8 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models: thread start-up costs more than it saves, and CI has 2 cores shared by everything.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,16 @@ from sfvideo.diffusion.rollout import generate_latents
 from sfvideo.diffusion.schedule import FlowMatchSchedule
 from sfvideo.streaming import StreamStats, check_context_schedule, decode_stream, stream
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: thread start-up dominates and the CPU is shared; one thread is ~50x faster here.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SIGMAS = FlowMatchSchedule().step_sigmas([1000, 750, 500, 250])
 HAVE_WAN = importlib.util.find_spec("sfvideo.nn.wan") is not None and importlib.util.find_spec(
     "sfvideo.nn.kv_cache") is not None
@@ -19,25 +29,33 @@ HAVE_TOY_CODEC = importlib.util.find_spec("sfvideo.toy.encoders") is not None
 
 # ---------------------------------------------------------------------------------------------- mock model
 class MockKVCache:
-    """Per-frame keys (B,) with rolling eviction past ``capacity`` (keeping ``sink_frames``), plus a cross cache."""
+    """Per-frame keys (B,) with KVCache's write rule: a call at ``start_frame <= end`` drops the held frames
+    ``>= start_frame`` and writes the chunk; beyond ``capacity`` the oldest non-sink frames are evicted."""
 
     def __init__(self, capacity, sink_frames=0, window_frames=None):
         self.capacity, self.sink_frames, self.window_frames = capacity, sink_frames, window_frames
         self.frames = {}  # absolute frame -> key (B,)
         self.cross = None
+        self.end = 0
 
-    def reset(self):
-        self.frames, self.cross = {}, None
+    @property
+    def frame_ids(self):
+        return sorted(self.frames)
 
     def reset_cross(self):
         self.cross = None
 
     def write(self, start, keys):
+        assert 0 <= start <= self.end
+        held = self.frame_ids
+        assert not (len(held) > self.sink_frames and self.sink_frames <= start < held[self.sink_frames])
+        self.frames = {k: v for k, v in self.frames.items() if k < start}
         for j in range(keys.shape[1]):
             self.frames[start + j] = keys[:, j]
-        order = sorted(self.frames)
+        self.end = start + keys.shape[1]
+        order = self.frame_ids
         while len(order) > self.capacity:
-            victim = next(k for k in order if k >= self.sink_frames)
+            victim = order[self.sink_frames]
             del self.frames[victim]
             order.remove(victim)
 
@@ -143,3 +161,135 @@ def test_stats():
     d = stats.as_dict()
     assert d["chunks"] == 2 and d["latent_frames"] == 4 and d["pixel_frames"] == 16
     assert d["first_chunk_s"] is not None and d["first_chunk_s"] >= 0
+
+
+def test_prompt_switch_after_eviction_keeps_sinks_and_rewrites_window_mock():
+    f, window, sink, n, switch = 2, 6, 2, 20, 12
+    den, noise, a, b, _ = mock_setup(n, f)
+    c = MockKVCache(window + sink, sink, window)
+    chunks = stream(den, noise, [(0, a), (switch, b)], step_sigmas=SIGMAS, frames_per_chunk=f, kv_cache=c)
+    before = None
+    for ch in chunks:
+        if ch.start_frame == switch - f:
+            before = {k: v.clone() for k, v in c.frames.items()}
+        if ch.start_frame == switch:
+            assert ch.recached
+            break
+    # Sinks keep their keys; the rest of the window was re-written under prompt b before the chunk at `switch`.
+    assert set(before) == {0, 1, *range(switch - window, switch)}
+    for k in (0, 1):
+        assert torch.equal(c.frames[k], before[k])
+    for k in range(switch - window + f, switch):  # (the oldest window frames were evicted by the new chunk)
+        assert not torch.allclose(c.frames[k], before[k])
+
+
+# ---------------------------------------------------------------------------------------------- the real transformer
+def wan_setup(train_frames=6, f=2, seed=0):
+    from sfvideo.geometry import VideoGeometry
+    from sfvideo.nn.wan import WanTransformer
+
+    torch.manual_seed(seed)
+    model = WanTransformer.from_flavor("debug").eval()
+    geo = VideoGeometry(num_frames=train_frames, channels=4, height=4, width=4, frames_per_chunk=f)
+    g = torch.Generator().manual_seed(seed)
+    ctx_a = torch.randn(1, 7, model.config.text_dim, generator=g)
+    ctx_b = torch.randn(1, 7, model.config.text_dim, generator=g)
+    return model, Denoiser(model), geo, ctx_a, ctx_b
+
+
+def wan_noise(geo, frames, seed=1):
+    return torch.randn(geo.latent_shape(1, frames), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.skipif(not HAVE_WAN, reason="sfvideo.nn.wan not available")
+@pytest.mark.parametrize("f", [1, 3])
+def test_stream_equals_one_shot_rollout_wan(f):
+    model, den, geo, ctx, _ = wan_setup(train_frames=6, f=f)
+    noise = wan_noise(geo, 6)
+    ref = generate_latents(den, noise, ctx, step_sigmas=SIGMAS, frames_per_chunk=f,
+                           kv_cache=model.new_kv_cache(1, geo.tokens_per_frame, 6),
+                           noise_generator=torch.Generator().manual_seed(5))
+    chunks, out = run_stream(den, noise, ctx, model.new_kv_cache(1, geo.tokens_per_frame, 6), f, seed=5)
+    assert len(chunks) == 6 // f
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif(not HAVE_WAN, reason="sfvideo.nn.wan not available")
+def test_rolling_stream_ten_times_training_length_wan():
+    f, train, sink = 2, 6, 2
+    model, den, geo, ctx, _ = wan_setup(train_frames=train, f=f)
+    n = 10 * train
+    noise = wan_noise(geo, n)
+    cache = model.new_kv_cache(1, geo.tokens_per_frame, train + sink, sink_frames=sink, window_frames=train)
+    chunks, out = run_stream(den, noise, ctx, cache, f)
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+    assert cache.frame_ids == [0, 1, *range(n - train, n)]
+    # The stream does not collapse: late chunks are as spread as early ones.
+    assert out[:, -f:].std() > 0.25 * out[:, :f].std()
+
+
+@pytest.mark.skipif(not HAVE_WAN, reason="sfvideo.nn.wan not available")
+@pytest.mark.parametrize("sink", [0, 2])
+def test_prompt_switch_wan(sink):
+    f, n, switch = 2, 16, 10
+    model, den, geo, a, b = wan_setup(train_frames=6, f=f)
+    noise = wan_noise(geo, n)
+
+    def cache():
+        return model.new_kv_cache(1, geo.tokens_per_frame, 6 + sink, sink_frames=sink, window_frames=6)
+
+    _, base = run_stream(den, noise, a, cache(), f)
+    c = cache()
+    cross_before = None
+    out = []
+    for ch in stream(den, noise, [(0, a), (switch, b)], step_sigmas=SIGMAS, frames_per_chunk=f, kv_cache=c,
+                     noise_generator=torch.Generator().manual_seed(123)):
+        if ch.start_frame == switch - f:
+            cross_before = c.cross_k[0].clone()
+        if ch.start_frame == switch:
+            assert ch.recached and ch.segment == 1
+            assert not torch.allclose(c.cross_k[0], cross_before)  # the cross-attention cache holds prompt b
+        out.append(ch.latents)
+    switched = torch.cat(out, 1)
+    assert switched.shape == noise.shape and torch.isfinite(switched).all()
+    assert torch.equal(switched[:, :switch], base[:, :switch])
+    assert not torch.allclose(switched[:, switch:], base[:, switch:])
+    # Cross reset only (no re-cache) differs from the LongLive re-cache.
+    _, cross_only = run_stream(den, noise, [(0, a), (switch, b)], cache(), f, recache_on_switch=False)
+    assert not torch.allclose(cross_only[:, switch:], switched[:, switch:])
+
+
+@pytest.mark.skipif(not HAVE_TOY_CODEC, reason="sfvideo.toy.encoders not available")
+def test_streaming_decode_equals_full_decode_toy():
+    from sfvideo.toy.encoders import ToyCodec
+
+    codec = ToyCodec()
+    den, noise, ctx, _, cache = mock_setup(6)
+    noise = torch.randn(1, 6, codec.latent_channels, 3, 5, generator=torch.Generator().manual_seed(0))
+    chunks = list(stream(den, noise, ctx, step_sigmas=SIGMAS, frames_per_chunk=2, kv_cache=cache()))
+    decoded = list(decode_stream(chunks, codec.stream_decoder()))
+    full = codec.decode(torch.cat([c.latents for c in chunks], 1))
+    assert torch.equal(torch.cat([d.frames for d in decoded], 1), full)
+    assert all(d.decode_s >= 0 for d in decoded)
+
+
+def _tiny_wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            attn_scales=[], temperal_downsample=[False, True, True],
+                            latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sfvideo.nn.encoders") is None, reason="nn.encoders not available")
+def test_streaming_decode_equals_full_decode_wan_vae():
+    from sfvideo.nn.encoders import WanVAECodec
+
+    codec = WanVAECodec(_tiny_wan_vae())
+    latents = torch.randn(1, 6, codec.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))
+    dec = codec.stream_decoder()
+    chunks = [dec.decode_chunk(latents[:, i : i + 2]) for i in range(0, 6, 2)]
+    assert [c.shape[1] for c in chunks] == [1 + 4 * 1, 8, 8]
+    full = codec.decode(latents)
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)

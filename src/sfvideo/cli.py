@@ -15,16 +15,59 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+from jsonargparse import Namespace
 
 from lightning.pytorch.cli import LightningCLI
 
 
+def find_last_checkpoint(log_root: Path) -> Path | None:
+    """The most recently written ``version_*/checkpoints/last.ckpt`` under ``log_root``."""
+    found = sorted(log_root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 class SFVideoCLI(LightningCLI):
-    """LightningCLI whose model brings its own two optimizers (generator and critic)."""
+    """LightningCLI whose model brings its own two optimizers (generator and critic).
+
+    ``--ckpt_path last`` resumes the newest ``lightning_logs/version_*/checkpoints/last.ckpt`` and keeps logging
+    into that version's folder (Lightning alone would look only in the new run's empty folder).
+    """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
-        parser.set_defaults({"trainer.logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                                "init_args": {"save_dir": ".", "name": "lightning_logs"}}})
+        parser.set_defaults(
+            {
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": ".", "name": "lightning_logs"},
+                }
+            }
+        )
+
+    def instantiate_classes(self) -> None:  # noqa: D102
+        # Constructor validation (a bad value, a missing model file) is a one-line usage error, not a traceback.
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as e:
+            self.parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    def before_instantiate_classes(self) -> None:  # noqa: D102
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        if cfg.get("ckpt_path") != "last":
+            return
+        logger = cfg.trainer.get("logger")
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        root = Path(str(init.get("save_dir", "."))) / str(init.get("name", "lightning_logs")) if init else None
+        last = find_last_checkpoint(root) if root is not None else None
+        if last is None:
+            print(f"sfvideo: --ckpt_path last: no last.ckpt under {root}/version_*/checkpoints; starting fresh")
+            cfg.ckpt_path = None
+            return
+        print(f"sfvideo: resuming from {last}")
+        cfg.ckpt_path = str(last)
+        init.version = last.parent.parent.name
 
 
 def _lazy(module: str, attr: str = "main") -> Callable[[list[str]], None]:

@@ -12,7 +12,8 @@ Length is unbounded by the training window: the KV cache rolls (``window_frames`
 Prompt switches (LongLive's KV re-cache, notes §2.4, §9): at a chunk boundary where the prompt schedule changes,
 the cross-attention cache is reset (``kv_cache.reset_cross()``) and the self-attention K/V of the frames the cache
 holds are recomputed under the new prompt by re-running the generator on their clean latents at the context
-noise level (timestep 0), chunk by chunk in stream order, exactly as the refresh after each chunk wrote them.
+noise level (timestep 0), chunk by chunk in stream order, as the refresh after each chunk wrote them (see
+:func:`recache` for the sink frames after evictions).
 Without re-caching the old prompt lingers in the cached keys and values; with it the scene stays continuous
 (the latents are kept) while the new prompt takes over.
 
@@ -24,7 +25,6 @@ around each timed region, so asynchronous CUDA work is charged to the right regi
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,67 +87,88 @@ def check_context_schedule(schedule: ContextSchedule, frames_per_chunk: int, num
 
 
 class _CleanHistory:
-    """Clean latents of the chunks the KV cache still holds: the sink chunks and the last ``window`` frames."""
+    """Clean latents ``(B, 1, C, H, W)`` by absolute frame, pruned to the frames the cache holds (``frame_ids``)."""
 
-    def __init__(self, sink_frames: int, window_frames: int | None) -> None:
-        self.sink_frames = sink_frames
-        self.window_frames = window_frames
-        self.sink: list[tuple[int, Tensor]] = []
-        self.recent: deque[tuple[int, Tensor]] = deque()
+    def __init__(self) -> None:
+        self.frames: dict[int, Tensor] = {}
 
-    def add(self, start_frame: int, latents: Tensor) -> None:
-        if start_frame < self.sink_frames:
-            self.sink.append((start_frame, latents))
-            return
-        self.recent.append((start_frame, latents))
-        if self.window_frames is not None:
-            end = start_frame + latents.shape[1]
-            while self.recent and self.recent[0][0] < end - self.window_frames:
-                self.recent.popleft()
+    def add(self, start_frame: int, latents: Tensor, kv_cache: Any) -> None:
+        for j in range(latents.shape[1]):
+            self.frames[start_frame + j] = latents[:, j : j + 1]
+        held = set(kv_cache.frame_ids)
+        for k in [k for k in self.frames if k not in held]:
+            del self.frames[k]
 
-    def chunks(self) -> list[tuple[int, Tensor]]:
-        return [*self.sink, *self.recent]
+
+def _replay_groups(frames: Sequence[int], frames_per_chunk: int) -> list[list[int]]:
+    """Consecutive held frames grouped by chunk (a chunk cut by eviction gives a shorter group)."""
+    groups: list[list[int]] = []
+    for k in frames:
+        if groups and groups[-1][-1] + 1 == k and k // frames_per_chunk == groups[-1][0] // frames_per_chunk:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
 
 
 def recache(
     denoiser: Denoiser,
     kv_cache: Any,
-    history: Sequence[tuple[int, Tensor]],
+    history: Mapping[int, Tensor],
     context: Tensor,
     *,
     frames_per_chunk: int,
     context_sigma: float = 0.0,
     noise_generator: torch.Generator | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
-) -> None:
+) -> list[int]:
     """LongLive's KV re-cache on a prompt switch: reset cross-attention, rewrite self-attention under ``context``.
 
-    The cache is emptied (``kv_cache.reset()``: self-attention and cross-attention) and the generator is re-run on
-    the clean latents of every chunk the cache held, in stream order at their absolute start frames and at the
-    context noise level, which is how the refresh after each chunk wrote them in the first place.
+    ``kv_cache.reset_cross()`` drops the old prompt's text K/V (the next call caches the new ones); then the
+    generator is re-run on the clean latents of the frames the cache holds, chunk by chunk in stream order at
+    their absolute start frames and at the context noise level, which is how the refresh after each chunk wrote
+    them. Rewriting at a start frame drops the held frames after it, so the replay rebuilds the cache in order.
+
+    Which frames: all held frames while nothing was evicted (the cache holds frames ``0..end-1``); after
+    evictions, the frames from the oldest held non-sink frame on. The sink frames then keep the K/V of the
+    prompt they were generated under (the cache cannot append past a gap after a rewind to frame 0): they anchor
+    the scene, the window carries the new prompt.
 
     Args:
         denoiser: The generator.
-        kv_cache: The stream's cache, modified in place.
-        history: ``[(start_frame, clean latents (B, f, C, H, W)), ...]`` in stream order.
+        kv_cache: The stream's cache (``frame_ids``, ``sink_frames``, ``reset_cross``), modified in place.
+        history: Clean latents ``(B, 1, C, H, W)`` by absolute frame, covering the held frames.
         context: The new prompt embeddings ``(B, L, D)``.
         frames_per_chunk: Latent frames per chunk.
         context_sigma: Noise level of the cached context (0 = clean, the release).
         noise_generator: Source of the context noise when ``context_sigma > 0``.
         model_kwargs: Extra keyword arguments of every generator call.
+
+    Returns:
+        The re-cached absolute frames.
     """
-    kv_cache.reset()
-    kwargs = {"attention": "block_causal", "frames_per_chunk": frames_per_chunk, **(model_kwargs or {})}
+    kv_cache.reset_cross()
+    held = list(kv_cache.frame_ids)
+    if not held:
+        return []
+    sink = min(int(getattr(kv_cache, "sink_frames", 0) or 0), len(held))
+    evicted = held != list(range(len(held)))
+    frames = held[sink:] if evicted else held
+    missing = [k for k in frames if k not in history]
+    if missing:
+        raise RuntimeError(f"recache: no clean latents for held frames {missing[:4]}")
+    kwargs = {"attention": "block_causal", **(model_kwargs or {})}
     with torch.no_grad():
-        for start, clean in history:
-            x = clean
+        for group in _replay_groups(frames, frames_per_chunk):
+            x = torch.cat([history[k] for k in group], 1)
             if context_sigma > 0:
-                eps = torch.randn(x.shape, generator=noise_generator,
-                                  device=noise_generator.device if noise_generator is not None else x.device,
-                                  dtype=x.dtype).to(x.device)
+                gen_device = noise_generator.device if noise_generator is not None else x.device
+                eps = torch.randn(x.shape, generator=noise_generator, device=gen_device, dtype=x.dtype).to(x.device)
                 x = add_noise(x, eps, context_sigma)
             sigma = torch.full(x.shape[:2], context_sigma, device=x.device, dtype=torch.float32)
-            denoiser(x, sigma, context, kv_cache=kv_cache, start_frame=start, **kwargs)
+            denoiser(x, sigma, context, kv_cache=kv_cache, start_frame=group[0], frames_per_chunk=len(group),
+                     **kwargs)
+    return frames
 
 
 def stream(
@@ -160,8 +181,6 @@ def stream(
     kv_cache: Any,
     noise_generator: torch.Generator | None = None,
     context_sigma: float = 0.0,
-    sink_frames: int | None = None,
-    window_frames: int | None = None,
     recache_on_switch: bool = True,
     refresh_last: bool = False,
     synchronize: bool = False,
@@ -178,11 +197,10 @@ def stream(
             with switches on chunk boundaries.
         step_sigmas: The generator's step sigmas ``(S,)`` (``FlowMatchSchedule.step_sigmas``).
         frames_per_chunk: Latent frames per chunk (3 chunk-wise, 1 frame-wise).
-        kv_cache: A fresh cache from ``model.new_kv_cache(...)``; rolls past its capacity.
+        kv_cache: A fresh cache from ``model.new_kv_cache(...)`` (rolls past its capacity); the re-cache on a
+            prompt switch reads its ``frame_ids`` and ``sink_frames``.
         noise_generator: Source of the re-noising between steps (and of context noise).
         context_sigma: Noise level of the cache refresh (0 = clean context, the release).
-        sink_frames / window_frames: Frames the cache keeps (for the re-cache on a prompt switch); default: the
-            cache's own ``sink_frames`` / ``window_frames`` attributes (None window = every frame).
         recache_on_switch: Re-cache the self-attention K/V under a new prompt (LongLive); False only resets the
             cross-attention cache.
         refresh_last: Refresh the cache after the final chunk too (only needed to continue the cache later).
@@ -198,9 +216,7 @@ def stream(
         raise ValueError(f"noise has {num_frames} latent frames, not a positive multiple of frames_per_chunk={f}")
     schedule: list[tuple[int, Tensor]] = [(0, context)] if isinstance(context, Tensor) else list(context)
     check_context_schedule(schedule, f, num_frames)
-    sink = int(getattr(kv_cache, "sink_frames", 0) or 0) if sink_frames is None else sink_frames
-    window = getattr(kv_cache, "window_frames", None) if window_frames is None else window_frames
-    history = _CleanHistory(sink, window)
+    history = _CleanHistory()
     switches = {int(frame): i for i, (frame, _) in enumerate(schedule)}
     device = step_sigmas.device
     segment = 0
@@ -218,7 +234,7 @@ def stream(
             segment = switches[start]
             ctx = schedule[segment][1]
             if recache_on_switch:
-                recache(denoiser, kv_cache, history.chunks(), ctx, frames_per_chunk=f, context_sigma=context_sigma,
+                recache(denoiser, kv_cache, history.frames, ctx, frames_per_chunk=f, context_sigma=context_sigma,
                         noise_generator=noise_generator, model_kwargs=model_kwargs)
             else:
                 kv_cache.reset_cross()
@@ -242,7 +258,7 @@ def stream(
         if synchronize:
             _sync(device)
         elapsed = time.perf_counter() - t0
-        history.add(start, latents)
+        history.add(start, latents, kv_cache)
         yield StreamChunk(index=i, start_frame=start, latents=latents, segment=segment, recached=recached,
                           transformer_s=elapsed, recache_s=recache_s)
 

@@ -92,6 +92,8 @@ class Mp4Writer:
 
         # Open now, so an unwritable target fails before any expensive work.
         try:
+            # PyAV opens the file lazily; create it here so the error names the target now.
+            self.tmp_path.open("wb").close()
             self._container = av.open(str(self.tmp_path), mode="w", format="mp4")
         except (OSError, av.FFmpegError) as e:
             raise OSError(f"cannot write video {self.path}: {e}") from None

@@ -26,6 +26,16 @@ try:  # prefer our own model class; the keys are diffusers' either way
 except Exception:  # noqa: BLE001 - nn/wan.py may not exist yet or may be mid-edit
     MODEL_CLS = WanTransformer3DModel
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convs/matmuls on a shared 2-core box: OpenMP spin-waiting under contention costs 50x; use one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=2,
@@ -126,10 +136,17 @@ def test_every_format_loads_to_identical_outputs(tmp_path: Path, reference):
     save_file(original, str(tmp_path / "wan.safetensors"))
     torch.save(original, tmp_path / "wan.pth")
     torch.save(
-        {"generator": {"model." + k: v for k, v in other.items()}, "generator_ema": {"model." + k: v for k, v in original.items()}},
+        {
+            "generator": {"model." + k: v for k, v in other.items()},
+            "generator_ema": {"model." + k: v for k, v in original.items()},
+        },
         tmp_path / "self_forcing.pt",
     )
-    fsdp = {f"model._fsdp_wrapped_module.{k.replace('blocks.0.', 'blocks.0._orig_mod.')}": v for k, v in original.items()}
+    lightning = {f"generator.{k}": v for k, v in sd.items()} | {f"critic.{k}": v + 1 for k, v in sd.items()}
+    torch.save({"state_dict": lightning}, tmp_path / "lightning.pt")
+    fsdp = {
+        f"model._fsdp_wrapped_module.{k.replace('blocks.0.', 'blocks.0._orig_mod.')}": v for k, v in original.items()
+    }
     torch.save({"generator": fsdp, "critic": {"model." + k: v for k, v in other.items()}}, tmp_path / "fsdp.pt")
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
 
@@ -151,6 +168,14 @@ def test_every_format_loads_to_identical_outputs(tmp_path: Path, reference):
         assert dict(loaded.config)["num_attention_heads"] == TINY["num_attention_heads"], source
         assert_same_model(loaded, model, inputs, out)
 
+    loaded = load_transformer(tmp_path / "lightning.pt", model_cls=MODEL_CLS, config=cfg, prefix="generator.")
+    assert_same_model(loaded, model, inputs, out)
+    with pytest.raises(CheckpointError, match="prefix 'teacher.'"):
+        load_transformer(tmp_path / "lightning.pt", model_cls=MODEL_CLS, config=cfg, prefix="teacher.")
+
+    if MODEL_CLS is not WanTransformer3DModel:  # default model_cls is sfvideo.nn.wan.WanTransformer
+        assert type(load_transformer(tmp_path / "diffusers")) is MODEL_CLS
+
     # The other network in the same file really is different (the key selects it).
     gen = load_transformer(tmp_path / "self_forcing.pt", model_cls=MODEL_CLS, config=cfg, key="generator")
     assert not torch.equal(gen.state_dict()["proj_out.weight"], model.state_dict()["proj_out.weight"])
@@ -158,7 +183,14 @@ def test_every_format_loads_to_identical_outputs(tmp_path: Path, reference):
 
 def test_read_self_forcing_checkpoint_strips_wrappers(tmp_path: Path):
     sd = {"blocks.0.self_attn.q.weight": torch.ones(2)}
-    torch.save({"generator": {"model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.self_attn.q.weight": torch.ones(2)}}, tmp_path / "c.pt")
+    torch.save(
+        {
+            "generator": {
+                "model._fsdp_wrapped_module.blocks.0._checkpoint_wrapped_module.self_attn.q.weight": torch.ones(2)
+            }
+        },
+        tmp_path / "c.pt",
+    )
     got = read_self_forcing_checkpoint(tmp_path / "c.pt", "generator")
     assert got.keys() == sd.keys()
     with pytest.raises(CheckpointError, match=r"no key 'critic'.*\['generator'\]"):
@@ -195,7 +227,10 @@ def test_bf16_keeps_fp32_islands(tmp_path: Path, reference):
 def test_truncated_files_fail_naming_the_file(tmp_path: Path, reference):
     model, _, _ = reference
     original = to_original(model.state_dict())
-    for name, writer in [("w.safetensors", lambda p: save_file(original, str(p))), ("w.pt", lambda p: torch.save(original, p))]:
+    for name, writer in [
+        ("w.safetensors", lambda p: save_file(original, str(p))),
+        ("w.pt", lambda p: torch.save(original, p)),
+    ]:
         path = tmp_path / name
         writer(path)
         data = path.read_bytes()
@@ -225,7 +260,10 @@ def test_missing_and_unexpected_keys_reported(tmp_path: Path, reference):
     path = tmp_path / "partial.pt"
     torch.save({"generator": {"model." + k: v for k, v in original.items()}}, path)
     cfg = {"attention_head_dim": 12}
-    with pytest.raises(CheckpointError, match=r"missing keys \[blocks\.1\.attn2\.to_out\.0\.bias\].*unexpected keys \[blocks\.0\.extra\.weight\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing keys \[blocks\.1\.attn2\.to_out\.0\.bias\].*unexpected keys \[blocks\.0\.extra\.weight\]",
+    ):
         load_transformer(path, model_cls=MODEL_CLS, config=cfg)
     with pytest.warns(UserWarning, match="missing keys"):
         loaded = load_transformer(path, model_cls=MODEL_CLS, config=cfg, strict=False)

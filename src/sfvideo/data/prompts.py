@@ -152,7 +152,7 @@ class PromptDataModule(L.LightningDataModule):
         prompts = read_prompt_file(path) if path else self.prompts
         return DataLoader(prompts, batch_size=self.batch_size, shuffle=False, collate_fn=list)
 
-    def on_train_batch_end_count(self) -> None:
+    def count_consumed_batch(self) -> None:
         self._batches_consumed += 1
 
     def state_dict(self) -> dict:

@@ -33,8 +33,7 @@ Metrics (``ToyVideoMetrics.compute()`` keys; curves are ``<name>_curve``, shape 
 - ``flicker`` (lower is better; per step, entry 0 NaN): mean absolute change of the pixels outside the objects
   of both frames, i.e. change the motion does not explain. 0 for real videos.
 - ``brightness_error`` / ``saturation_error``: frame mean luma (BT.601) / chroma (max - min of RGB) on the [0, 1]
-  scale minus
-  that of the prompt's reference frame. Curves are signed; per-video values are mean absolute errors.
+  scale minus that of the prompt's reference frame. Curves are signed; per-video values are mean absolute errors.
 - ``brightness_drift`` / ``saturation_drift``: FramePack-style ΔDrift of the signed curves, mean of the last 15 %
   of frames minus mean of the first 15 % (positive: brighter / more saturated at the end, CausVid's failure).
 

@@ -41,7 +41,7 @@ def flash_available() -> bool:
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, masked: bool) -> str:
     """Concrete kernel for a requested backend: ``"auto"`` -> flex (masked) or flash/sdpa (unmasked) on CUDA, sdpa
     elsewhere. An explicit choice is honoured, except that ``"flash"`` cannot take a mask (falls back to flex on
-    CUDA, sdpa elsewhere)."""
+    CUDA, sdpa elsewhere) and unmasked attention never uses flex (sdpa instead)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = device.type == "cuda"
@@ -54,6 +54,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, mask
         return "flash" if half and flash_available() else "sdpa"
     if backend == "flash" and masked:
         return "flex" if on_cuda else "sdpa"
+    if backend == "flex" and not masked:
+        return "sdpa"  # nothing to skip; avoids recompiling flex for every KV-view length
     return backend
 
 

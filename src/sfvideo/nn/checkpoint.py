@@ -297,7 +297,9 @@ def infer_wan_config(
         num_attention_heads = inner_dim // head_dim
     elif attention_head_dim is None:
         if inner_dim % num_attention_heads:
-            raise CheckpointError(f"inner dim {inner_dim} is not divisible by num_attention_heads {num_attention_heads}")
+            raise CheckpointError(
+                f"inner dim {inner_dim} is not divisible by num_attention_heads {num_attention_heads}"
+            )
         head_dim = inner_dim // num_attention_heads
     else:
         head_dim = attention_head_dim
@@ -393,9 +395,7 @@ def _resolve_source(source: str | os.PathLike) -> tuple[Path, str]:
         raise FileNotFoundError(f"load_transformer: no such file or folder: {source}")
     from huggingface_hub import snapshot_download  # the only network access in this module
 
-    local = Path(
-        snapshot_download(text, allow_patterns=["transformer/*", CONFIG_NAME, "diffusion_pytorch_model*"])
-    )
+    local = Path(snapshot_download(text, allow_patterns=["transformer/*", CONFIG_NAME, "diffusion_pytorch_model*"]))
     return _resolve_source(local)
 
 
@@ -428,6 +428,7 @@ def load_transformer(
     *,
     model_cls: type[nn.Module] | None = None,
     key: str | None = None,
+    prefix: str | None = None,
     config: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
@@ -441,6 +442,8 @@ def load_transformer(
             constructor arguments and use its key names.
         key: which network of a multi-network checkpoint (``"generator_ema"``, ``"generator"``, ``"critic"``...);
             None picks the first of :data:`SUBDICT_KEYS` present.
+        prefix: keep only keys starting with this and strip it, e.g. ``"generator."`` for a state dict holding
+            several networks (a Lightning ``state_dict``); applied after wrapper segments are removed.
         config: constructor arguments overriding those from ``config.json`` or inferred from shapes (e.g.
             ``{"num_attention_heads": 12}``; see :func:`infer_wan_config` for what cannot be inferred).
         dtype: parameter dtype (default: torch's default dtype, fp32); fp32 islands of the class stay fp32.
@@ -461,6 +464,11 @@ def load_transformer(
     contents = read_state_dict(path)
     state_dict = strip_wrapper_prefixes(_select_subdict(contents, key, str(path)))
     del contents
+    if prefix:
+        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not state_dict:
+            raise CheckpointError(f"{path}: no keys start with prefix '{prefix}'")
+        state_dict = strip_wrapper_prefixes(state_dict)
     state_dict = convert_to_diffusers_layout(state_dict)
 
     # Config: inferred from shapes < config.json next to the weights < explicit overrides.

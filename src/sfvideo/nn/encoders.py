@@ -143,7 +143,7 @@ class UMT5TextEncoder:
         self.negative_prompt = negative_prompt
         """Default string for :meth:`encode_negative`."""
         self.dtype = _as_dtype(dtype)
-        self.model = freeze(self._load_model(path, text_encoder).to(self.dtype))
+        self.model = freeze(self._load_model(path, text_encoder, self.dtype).to(self.dtype))
         self.model.to("cpu" if offload else self.device)
         self.tokenizer = self._load_tokenizer(path, tokenizer)
         self.dim = int(self.model.config.d_model)
@@ -151,16 +151,16 @@ class UMT5TextEncoder:
         self._negative_cache: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def _load_model(path: str | os.PathLike | None, text_encoder: Any) -> nn.Module:
+    def _load_model(path: str | os.PathLike | None, text_encoder: Any, dtype: torch.dtype) -> nn.Module:
         if isinstance(text_encoder, nn.Module):
             return text_encoder
         from transformers import UMT5EncoderModel
 
         if text_encoder is not None:
-            return UMT5EncoderModel.from_pretrained(str(text_encoder))
+            return UMT5EncoderModel.from_pretrained(str(text_encoder), dtype=dtype)  # no fp32 detour
         if path is None:
             raise ValueError("UMT5TextEncoder: give path (a Wan diffusers folder) or text_encoder")
-        return UMT5EncoderModel.from_pretrained(str(path), subfolder="text_encoder")
+        return UMT5EncoderModel.from_pretrained(str(path), subfolder="text_encoder", dtype=dtype)
 
     @staticmethod
     def _load_tokenizer(path: str | os.PathLike | None, tokenizer: Any) -> Any:
@@ -473,6 +473,8 @@ class WanVAECodec:
         dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
+        dtype = _as_dtype(dtype)
+        load_kwargs = {} if dtype is None else {"torch_dtype": dtype}
         if isinstance(vae, nn.Module):
             model = vae
         else:
@@ -481,12 +483,11 @@ class WanVAECodec:
             path = Path(vae)
             if path.is_dir():
                 folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-                model = AutoencoderKLWan.from_pretrained(str(folder))
+                model = AutoencoderKLWan.from_pretrained(str(folder), **load_kwargs)
             elif path.exists():
                 raise ValueError(f"WanVAECodec: {path} is a file; expected a diffusers VAE folder")
             else:
-                model = AutoencoderKLWan.from_pretrained(str(vae), subfolder="vae")
-        dtype = _as_dtype(dtype)
+                model = AutoencoderKLWan.from_pretrained(str(vae), subfolder="vae", **load_kwargs)
         if dtype is not None:
             model.to(dtype)
         self.vae = freeze(model).to(device)
@@ -526,9 +527,7 @@ class WanVAECodec:
     def num_latent_frames(self, num_pixel_frames: int) -> int:
         """Inverse of :meth:`num_pixel_frames`; raises unless ``T = 1 + s k``."""
         if num_pixel_frames <= 0 or (num_pixel_frames - 1) % self.temporal_stride:
-            raise ValueError(
-                f"a Wan VAE video needs 1 + {self.temporal_stride}k frames, got {num_pixel_frames}"
-            )
+            raise ValueError(f"a Wan VAE video needs 1 + {self.temporal_stride}k frames, got {num_pixel_frames}")
         return 1 + (num_pixel_frames - 1) // self.temporal_stride
 
     @torch.no_grad()
@@ -548,9 +547,7 @@ class WanVAECodec:
     def _denormalise(self, latents: torch.Tensor) -> torch.Tensor:
         """Our ``(B, F, C, h, w)`` normalised latents → the VAE's ``(B, C, F, h, w)`` raw latents, VAE dtype."""
         if latents.ndim != 5 or latents.shape[2] != self.latent_channels:
-            raise ValueError(
-                f"expected latents (B, F, {self.latent_channels}, h, w), got shape {tuple(latents.shape)}"
-            )
+            raise ValueError(f"expected latents (B, F, {self.latent_channels}, h, w), got shape {tuple(latents.shape)}")
         z = latents.to(device=self.device, dtype=torch.float32).permute(0, 2, 1, 3, 4)
         z = z * self._std.to(z.device) + self._mean.to(z.device)
         return z.to(self.dtype)

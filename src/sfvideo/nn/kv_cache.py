@@ -54,6 +54,7 @@ Cross-attention:
 from __future__ import annotations
 
 import bisect
+import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -188,6 +189,7 @@ class KVCache:
         Drops held frames ``>= start_frame``, evicts if needed, reserves the chunk's slots and lists the visible
         cached frames. ``window_frames`` overrides the cache's window for this call when not ``None``.
         """
+        start_frame, num_frames = operator.index(start_frame), operator.index(num_frames)  # python ints only
         window = self.window_frames if window_frames is None else window_frames
         if num_frames <= 0:
             raise ValueError(f"KVCache: chunk must have frames, got {num_frames}")

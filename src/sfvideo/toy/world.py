@@ -260,13 +260,16 @@ def all_combinations(num_objects: int = 1) -> list[SceneAttributes]:
     raise ValueError(f"num_objects must be 1 or {MAX_OBJECTS}, got {num_objects}")
 
 
-def train_prompts(num_objects: int = 1) -> list[str]:
-    """Prompts of every scene of ``num_objects`` objects not held out (fixed order)."""
+def train_prompts(config: ToyWorldConfig | None = None, num_objects: int = 1) -> list[str]:
+    """Prompts of every scene of ``num_objects`` objects not held out (fixed order).
+
+    ``config`` is accepted for symmetry with the rendering functions; prompts do not depend on it.
+    """
     return [prompt_for(a) for a in all_combinations(num_objects) if not is_heldout(a)]
 
 
-def heldout_prompts(num_objects: int = 1) -> list[str]:
-    """Prompts of every held-out scene of ``num_objects`` objects (fixed order)."""
+def heldout_prompts(config: ToyWorldConfig | None = None, num_objects: int = 1) -> list[str]:
+    """Prompts of every held-out scene of ``num_objects`` objects (fixed order); ``config`` as in ``train_prompts``."""
     return [prompt_for(a) for a in all_combinations(num_objects) if is_heldout(a)]
 
 

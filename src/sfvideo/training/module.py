@@ -194,8 +194,8 @@ class SelfForcingDMD(L.LightningModule):
             return
         h = self.hparams
         teacher = build_transformer(h.teacher, overrides=h.teacher_overrides, seed=h.seed)
-        self.generator = build_transformer(h.generator_init, like=teacher) if h.generator_init else copy.deepcopy(teacher)
-        self.critic = build_transformer(h.critic_init, like=teacher) if h.critic_init else copy.deepcopy(teacher)
+        self.generator = build_transformer(h.generator_init) if h.generator_init else copy.deepcopy(teacher)
+        self.critic = build_transformer(h.critic_init) if h.critic_init else copy.deepcopy(teacher)
         if h.teacher_dtype == "bfloat16":
             teacher = teacher.to(torch.bfloat16)
         self.teacher = freeze(teacher)
@@ -375,14 +375,17 @@ class SelfForcingDMD(L.LightningModule):
         logs["steps/critic"] = float(self.critic_steps)
         logs["lr/generator"] = opt_generator.param_groups[0]["lr"]
         logs["lr/critic"] = opt_critic.param_groups[0]["lr"]
-        self.log_dict(logs, prog_bar=False, on_step=True, batch_size=1)
-        bar = {k: v for k, v in logs.items() if k in ("train/generator_loss", "train/critic_loss")}
-        self.log_dict({"g_step": float(self.generator_steps), **bar}, prog_bar=True, on_step=True, logger=False, batch_size=1)
+        progress = {"train/generator_loss", "train/critic_loss", "steps/generator"}
+        self.log_dict({k: v for k, v in logs.items() if k not in progress}, on_step=True, batch_size=1)
+        self.log_dict({k: v for k, v in logs.items() if k in progress}, prog_bar=True, on_step=True, batch_size=1)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Count consumed batches before any checkpoint of this step is written, so a resume starts at the next one.
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "count_consumed_batch"):
+            dm.count_consumed_batch()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "on_train_batch_end_count"):
-            dm.on_train_batch_end_count()
         if self.hparams.max_generator_steps is not None and self.generator_steps >= self.hparams.max_generator_steps:
             # Stop on generator steps, not on Lightning's global_step (which counts both optimizers).
             if self.critic_steps % self.hparams.critic_updates_per_generator_update == 0:

@@ -9,6 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from sfvideo.nn.encoders import freeze
+
+__all__ = ["asset_path", "build_transformer", "freeze"]
+
 
 def asset_path(name: str) -> Path | None:
     """Path of a bundled asset (``src/sfvideo/assets/<name>``), or None."""
@@ -22,7 +26,6 @@ def build_transformer(
     *,
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
-    like: nn.Module | None = None,
 ) -> nn.Module:
     """Build a ``WanTransformer`` from a flavor name, a bundled asset, a folder or a checkpoint file.
 
@@ -31,7 +34,6 @@ def build_transformer(
             (``toy_teacher``), a diffusers folder, an original Wan2.1 file or a Self Forcing checkpoint.
         overrides: config overrides for a flavor.
         seed: seed of random initialisation (flavors only).
-        like: a model whose config a checkpoint without config must follow.
     """
     from sfvideo.nn.wan import FLAVORS, WanTransformer
 
@@ -52,12 +54,6 @@ def build_transformer(
         path = bundled
     from sfvideo.nn.checkpoint import load_transformer
 
-    config = dict(like.config) if like is not None and hasattr(like, "config") else None
-    return load_transformer(str(path), config=config)
+    return load_transformer(str(path), strict=True)
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """Frozen network: eval mode, no gradients. The single place networks are frozen."""
-    module.eval()
-    module.requires_grad_(False)
-    return module

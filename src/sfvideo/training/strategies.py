@@ -33,7 +33,7 @@ import argparse
 import copy
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -363,10 +363,10 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
       ``configure_optimizers``; the LightningModule itself is not wrapped. Frozen networks
       (``module.frozen_modules``) get no optimizer; under ZeRO-3 with ``partition_frozen`` they become
       optimizer-less engines, so a 14B teacher is partitioned too.
-    * ``manual_backward(loss)`` is a plain ``loss.backward()``: DeepSpeed ≥ 0.19 runs the ZeRO backward
-      prologue/epilogue from hooks installed by ``engine.forward``, so each network's forward must go through
-      :func:`network`. Each ``opt.step()`` becomes that network's ``engine.step()`` (clipping from
-      ``gradient_clipping``, ZeRO step, zero_grad).
+    * ``manual_backward(loss)`` becomes ``engine.backward(loss)`` of the one trainable network that ran a
+      grad-enabled forward since the last backward (the strategy watches the engines' forwards; several raise an
+      error), so each network's forward must go through :func:`network`. Each ``opt.step()`` becomes that
+      network's ``engine.step()`` (clipping from ``gradient_clipping``, ZeRO step, zero_grad).
     * Gradient accumulation: engines run with ``managed_gradient_accumulation=False``; gradients of several
       backwards accumulate and ``opt.step()`` is the boundary, exactly as for the other strategies.
     * Checkpoints: a directory with one DeepSpeed tag per engine (``<ckpt>/generator``, ``<ckpt>/critic``),
@@ -457,6 +457,7 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
         self._engines: dict[str, deepspeed.DeepSpeedEngine] = {}
         self._frozen_engines: dict[str, deepspeed.DeepSpeedEngine] = {}
         self._engine_of_optimizer: dict[int, deepspeed.DeepSpeedEngine] = {}
+        self._pending_backward: set[str] = set()
 
     # -- CPU support: the parent insists on CUDA devices with index == local rank ----------------------------
 
@@ -556,6 +557,7 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
             engine, ds_optimizer, _, _ = deepspeed.initialize(
                 args=self._ds_args(), config=self.config, model=net, optimizer=optimizer, dist_init_required=False
             )
+            engine.register_forward_hook(self._record_forward(name))
             self._engines[name] = engine
             self._engine_of_optimizer[id(ds_optimizer)] = engine
             ds_optimizers.append(ds_optimizer)
@@ -614,13 +616,36 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
 
     # -- backward and step ------------------------------------------------------------------------------------
 
+    def _record_forward(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if torch.is_grad_enabled():
+                self._pending_backward.add(name)
+
+        return hook
+
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        # Torch-style backward: the hooks that engine.forward put on its outputs run the ZeRO prologue/epilogue
-        # of exactly the engines in this graph (DMD keeps the other trainable network out of it).
+        # The backward goes to the one engine that ran a grad-enabled forward since the last backward:
+        # engine.backward() brackets the whole backward with the ZeRO prologue/epilogue. (A plain
+        # loss.backward() relies on hooks on each forward's outputs, which break when the engine ran several
+        # grad-enabled forwards, as a rollout does: DeepSpeed 0.19.8 raises KeyError in the ZeRO epilogue.)
         assert self.lightning_module is not None
+        pending = [name for name in self._engines if name in self._pending_backward]
+        self._pending_backward.clear()
+        if len(pending) > 1:
+            raise RuntimeError(
+                f"MultiEngineDeepSpeedStrategy: the loss follows grad-enabled forwards of several trainable networks "
+                f"{pending}; run the others under torch.no_grad() (one trainable network per backward)"
+            )
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-        closure_loss.backward(*args, **kwargs)
+        if pending:
+            retain_graph = bool(kwargs.pop("retain_graph", False))
+            if args or kwargs:
+                raise TypeError(f"MultiEngineDeepSpeedStrategy.backward takes only retain_graph, got {args} {kwargs}")
+            # GAS is 1 (the module owns accumulation), so scale_wrt_gas would be a no-op anyway.
+            self._engines[pending[0]].backward(closure_loss, retain_graph=retain_graph, scale_wrt_gas=False)
+        else:
+            closure_loss.backward(*args, **kwargs)
         closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         self.post_backward(closure_loss)
         return closure_loss
@@ -821,5 +846,3 @@ class FSDP2Strategy(ModelParallelStrategy):
                 state[RANK_LOCAL_KEY] = rank_local
         return state
 
-
-_ = nullcontext  # re-exported helpers above use contextmanager; keep import list explicit

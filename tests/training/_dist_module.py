@@ -1,0 +1,299 @@
+"""A tiny two-network LightningModule that follows the sfvideo training contract, plus a runner script.
+
+Used only by ``tests/training/test_strategies.py``, which runs this file as a subprocess (Lightning then launches
+the other ranks by re-running the same command line)::
+
+    DS_ACCELERATOR=cpu python tests/training/_dist_module.py --strategy zero2 --devices 2 --root /tmp/run \
+        --max-steps 4 [--resume]
+
+Every rank writes ``<root>/results/rank<r>.pt`` at the end of fit: full parameters and EMA, local Adam moments,
+counters, losses and the engine types, so the test can compare ranks and runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from sfvideo.training.strategies import (
+    RANK_LOCAL_KEY,
+    FSDP2Strategy,
+    MultiEngineDeepSpeedStrategy,
+    ShardedEMA,
+    clip_gradients,
+    gather_full_state_dict,
+    network,
+)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.fc(x))
+
+
+class TinyNet(nn.Module):
+    """Input projection, ``depth`` residual blocks under ``.blocks`` (FSDP2 shards each), output projection."""
+
+    def __init__(self, dim: int, depth: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(_Block(dim) for _ in range(depth))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+class TwoNetworkModule(pl.LightningModule):
+    """DMD-shaped alternation: generator step (teacher and critic under no_grad), then critic step."""
+
+    engine_modules = ("generator", "critic")
+    frozen_modules = ("teacher",)
+
+    def __init__(
+        self,
+        dim: int = 8,
+        depth: int = 2,
+        accumulate: int = 1,
+        batch_size: int = 2,
+        max_norm: float = 0.5,
+        lr: float = 1e-2,
+        ema_decay: float = 0.8,
+        ema_start: int = 1,
+        results_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.accumulate = accumulate
+        self.batch_size = batch_size
+        self.max_norm = max_norm
+        self.lr = lr
+        self.results_dir = results_dir
+        gen = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+            self.generator = TinyNet(dim, depth)
+            self.critic = TinyNet(dim, depth)
+            self.teacher = TinyNet(dim, depth)
+        self.teacher.requires_grad_(False).eval()
+        self.generator_steps = 0
+        self.critic_steps = 0
+        self.ema = ShardedEMA(decay=ema_decay, start_step=ema_start)
+        self.history: list[tuple[float, float, float]] = []
+        self._micro: list[tuple[float, float, float]] = []
+
+    def net(self, name: str) -> nn.Module:
+        return network(self, name)
+
+    def configure_optimizers(self):
+        return [
+            torch.optim.AdamW(self.generator.parameters(), lr=self.lr, betas=(0.9, 0.99), weight_decay=0.01),
+            torch.optim.AdamW(self.critic.parameters(), lr=self.lr / 2, betas=(0.9, 0.99), weight_decay=0.01),
+        ]
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        x = batch
+        if os.environ.get("SV_DEBUG"):
+            print("DEBUG step", self.global_rank, self.current_epoch, batch_idx, self.trainer.global_step, float(x.sum()), flush=True)
+        k = self.accumulate
+        boundary = (batch_idx + 1) % k == 0
+        opt_g, opt_c = self.optimizers()
+        generator, critic, teacher = self.net("generator"), self.net("critic"), self.net("teacher")
+
+        # Generator: two chained forwards with grad (a rollout calls the generator several times), DMD-style
+        # gradient (critic − teacher) with both under no_grad.
+        y = generator(0.5 * generator(x))
+        with torch.no_grad():
+            direction = critic(y) - teacher(y)
+        loss_g = 0.5 * ((y - (y - direction).detach()) ** 2).mean()
+        self.manual_backward(loss_g / k)
+        if boundary:
+            clip_gradients(self, opt_g, self.max_norm)
+            opt_g.step()
+            opt_g.zero_grad()
+            self.generator_steps += 1
+            self.ema.update(self.generator, self.generator_steps)
+
+        # Critic on detached generator samples.
+        with torch.no_grad():
+            y = generator(0.5 * generator(x))
+        loss_c = ((critic(y) - x) ** 2).mean()
+        self.manual_backward(loss_c / k)
+        if boundary:
+            clip_gradients(self, opt_c, self.max_norm)
+            opt_c.step()
+            opt_c.zero_grad()
+            self.critic_steps += 1
+
+        self._micro.append((float(loss_g.detach()), float(loss_c.detach()), float(x.sum())))
+        if boundary:
+            g, c, data = zip(*self._micro)
+            self.history.append((sum(g) / len(g), sum(c) / len(c), sum(data)))
+            self._micro = []
+
+    def train_dataloader(self) -> DataLoader:
+        # An explicit, unshuffled DistributedSampler: rank r takes samples r, r + W, ... in every epoch, so runs
+        # with different world sizes, and resumed runs, see the same samples per optimizer step.
+        data = _Vectors(16, 8)
+        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["counters"] = {"generator_steps": self.generator_steps, "critic_steps": self.critic_steps}
+        checkpoint["history"] = list(self.history)
+        checkpoint[RANK_LOCAL_KEY] = {"generator_ema": self.ema.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.generator_steps = checkpoint["counters"]["generator_steps"]
+        self.critic_steps = checkpoint["counters"]["critic_steps"]
+        self.history = list(checkpoint["history"])
+        self.ema.load_state_dict(checkpoint[RANK_LOCAL_KEY]["generator_ema"])
+
+    def on_train_start(self) -> None:
+        if os.environ.get("SV_DEBUG"):
+            sums = {n: float(sum(t.double().sum() for t in gather_full_state_dict(getattr(self, n), rank0_only=False).values())) for n in self._all_nets()}
+            print("DEBUG start", self.global_rank, self.trainer.global_step, sums, flush=True)
+
+    def on_train_end(self) -> None:
+        if os.environ.get("SV_DEBUG"):
+            sums = {n: float(sum(t.double().sum() for t in gather_full_state_dict(getattr(self, n), rank0_only=False).values())) for n in self._all_nets()}
+            print("DEBUG end", self.global_rank, self.trainer.global_step, sums, flush=True)
+        if self.results_dir is None:
+            return
+        strategy = self.trainer.strategy
+        optimizers = list(self.trainer.optimizers)
+        results = {
+            "rank": self.global_rank,
+            "world_size": self.trainer.world_size,
+            "global_step": self.trainer.global_step,
+            "generator_steps": self.generator_steps,
+            "critic_steps": self.critic_steps,
+            "history": list(self.history),
+            "networks": {n: type(self.net(n)).__name__ for n in ("generator", "critic", "teacher")},
+            "num_optimizers": len(optimizers),
+            "params": {n: gather_full_state_dict(getattr(self, n), rank0_only=False) for n in self._all_nets()},
+            "ema": self.ema.full_state_dict(self.generator, rank0_only=False),
+            "ema_num_updates": self.ema.num_updates,
+            "moments": [_local_moments(opt) for opt in optimizers],
+            "teacher_in_optimizer": _teacher_in_optimizers(self.teacher, optimizers),
+            "engine_steps": {n: e.global_steps for n, e in getattr(strategy, "engines", {}).items()},
+        }
+        out = Path(self.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(results, out / f"rank{self.global_rank}.pt")
+
+    @staticmethod
+    def _all_nets() -> tuple[str, ...]:
+        return ("generator", "critic", "teacher")
+
+
+def _inner_optimizer(opt) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the Adam state (inside Lightning's and DeepSpeed's wrappers)."""
+    opt = getattr(opt, "_optimizer", opt)
+    if type(opt).__module__.startswith("deepspeed"):
+        opt = opt.optimizer  # ZeRO wrapper -> the client AdamW over this rank's flat fp32 partitions
+    return opt
+
+
+def _local_moments(opt) -> dict[str, torch.Tensor | int]:
+    """This rank's Adam moments, flattened, plus the total numel of the states (to bound what is optimised)."""
+    inner = _inner_optimizer(opt)
+    avg, sq, steps = [], [], []
+    for state in inner.state.values():
+        for key, bucket in (("exp_avg", avg), ("exp_avg_sq", sq)):
+            t = state[key]
+            t = t.to_local() if hasattr(t, "to_local") else t
+            bucket.append(t.detach().float().flatten().cpu())
+        steps.append(float(state["step"]))
+    return {
+        "exp_avg": torch.cat(avg) if avg else torch.zeros(0),
+        "exp_avg_sq": torch.cat(sq) if sq else torch.zeros(0),
+        "steps": steps,
+    }
+
+
+def _teacher_in_optimizers(teacher: nn.Module, optimizers) -> bool:
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    for opt in optimizers:
+        opt = getattr(opt, "_optimizer", opt)
+        groups = [g["params"] for g in opt.param_groups]
+        groups += list(getattr(opt, "bit16_groups", []) or []) + list(getattr(opt, "fp16_groups", []) or [])
+        if any(id(p) in teacher_ids for group in groups for p in group):
+            return True
+    return False
+
+
+class _Vectors(Dataset):
+    def __init__(self, n: int, dim: int) -> None:
+        self.data = torch.randn(n, dim, generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def build_strategy(name: str, devices: int):
+    if name == "single":
+        return "auto"
+    if name.startswith("zero"):
+        stage = int(name[4])
+        return MultiEngineDeepSpeedStrategy(
+            stage=stage, gradient_clipping=0.5, partition_frozen=not name.endswith("_replicated")
+        )
+    if name == "fsdp2":
+        return FSDP2Strategy(shard_frozen=True)
+    raise ValueError(f"unknown --strategy {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--ckpt-dir", default=None, help="default <root>/ckpt")
+    parser.add_argument("--resume", action="store_true", help="fit(ckpt_path='last')")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    root = Path(args.root)
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else root / "ckpt"
+    model = TwoNetworkModule(accumulate=args.accumulate, batch_size=args.batch_size, results_dir=str(root / "results"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=build_strategy(args.strategy, args.devices),
+        max_steps=args.max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(root),
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)],
+    )
+    trainer.fit(model, ckpt_path="last" if args.resume else None)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()

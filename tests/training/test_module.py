@@ -1,0 +1,122 @@
+"""SelfForcingDMD through the real CLI entry point, resume, and the rollout's gradient paths on a real model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfvideo.cli import main
+from sfvideo.diffusion.denoiser import Denoiser
+from sfvideo.diffusion.rollout import self_forcing_rollout
+from sfvideo.nn.wan import WanTransformer
+
+DEBUG = str(Path(__file__).resolve().parents[2] / "configs" / "debug.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+def _fit(tmp_path, *extra):
+    main(["fit", "--config", DEBUG, "--trainer.logger.init_args.save_dir", str(tmp_path), *QUIET, *extra])
+
+
+def _last(tmp_path) -> dict:
+    (path,) = tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def test_fit_writes_tensorboard_events_and_checkpoint(tmp_path):
+    _fit(tmp_path)
+    run = next(tmp_path.glob("lightning_logs/version_*"))
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events written"
+    ckpt = _last(tmp_path)
+    # debug.yaml: 2 generator updates, 2 critic updates per generator update -> 4 critic updates.
+    assert ckpt["sfvideo"]["generator_steps"] == 2
+    assert ckpt["sfvideo"]["critic_steps"] == 4
+    assert ckpt["sfvideo"]["ema"] is not None
+    assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")], "frozen teacher must not be saved"
+    assert any(k.startswith("generator.") for k in ckpt["state_dict"])
+    assert any(k.startswith("critic.") for k in ckpt["state_dict"])
+    assert len(ckpt["optimizer_states"]) == 2
+
+
+def test_resume_continues_counters_optimizer_and_data_and_matches_uninterrupted(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _fit(straight, "--model.init_args.max_generator_steps", "4")
+    _fit(split, "--model.init_args.max_generator_steps", "2")
+    first = _last(split)
+    _fit(split, "--model.init_args.max_generator_steps", "4", "--ckpt_path", "last")
+    resumed, reference = _last(split), _last(straight)
+    assert len(list(split.glob("lightning_logs/version_*"))) == 1, "resume must continue in the same run folder"
+    assert resumed["sfvideo"]["generator_steps"] == 4 and resumed["sfvideo"]["critic_steps"] == 8
+    assert resumed["PromptDataModule"]["batches_consumed"] == reference["PromptDataModule"]["batches_consumed"] == 8
+    assert first["optimizer_states"][0]["state"][0]["step"] == 2
+    assert resumed["optimizer_states"][0]["state"][0]["step"] == 4
+    # Noise and exit steps are derived from the counters and the data position is restored: the resumed run is the
+    # uninterrupted run.
+    for key, value in reference["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in reference["sfvideo"]["ema"].items():
+        torch.testing.assert_close(resumed["sfvideo"]["ema"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_bad_flag_value_is_a_clear_error(tmp_path):
+    with pytest.raises((SystemExit, ValueError)):
+        _fit(tmp_path, "--model.init_args.critic_updates_per_generator_update", "0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rollout on a real (tiny) transformer: which forwards carry gradient, and where gradient can flow.
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return WanTransformer.from_flavor("debug")
+
+
+def _rollout(model, noise, context, exits, grad_mode):
+    cache = model.new_kv_cache(noise.shape[0], 4, noise.shape[1], grad_mode=grad_mode)
+    return self_forcing_rollout(
+        Denoiser(model),
+        noise,
+        context,
+        step_sigmas=torch.tensor([1.0, 0.9375, 0.8333, 0.625]),
+        frames_per_chunk=2,
+        kv_cache=cache,
+        exit_steps=exits,
+        noise_generator=torch.Generator().manual_seed(1),
+    )
+
+
+def test_generator_calls_and_grad_modes_per_rollout():
+    model = _tiny()
+    calls: list[bool] = []
+    model.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+    noise = torch.randn(1, 6, 4, 4, 4)
+    context = torch.randn(1, 5, 32)
+    exits = [2, 0, 3]
+    result = _rollout(model, noise, context, exits, "truncate")
+    assert len(calls) == sum(e + 2 for e in exits) == result.num_calls
+    # Per chunk: `exit` no-grad steps, one grad step (the exit), one no-grad cache refresh.
+    expected = [flag for e in exits for flag in [False] * e + [True, False]]
+    assert calls == expected
+
+
+@pytest.mark.parametrize("grad_mode, reaches_earlier_chunk", [("truncate", False), ("straight_through", True)])
+def test_gradient_through_the_cache(grad_mode, reaches_earlier_chunk):
+    model = _tiny()
+    noise = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
+    context = torch.randn(1, 5, 32)
+    result = _rollout(model, noise, context, [0, 0], grad_mode)
+    result.x0[:, 2:].square().sum().backward()  # loss on the last chunk only
+    earlier = noise.grad[:, :2].abs().sum()
+    own = noise.grad[:, 2:].abs().sum()
+    assert own > 0
+    assert (earlier > 0) == reaches_earlier_chunk, f"{grad_mode}: gradient into chunk 0 = {earlier}"
+
+
+def test_truncate_and_straight_through_have_identical_forward_values():
+    model = _tiny()
+    noise = torch.randn(1, 4, 4, 4, 4)
+    context = torch.randn(1, 5, 32)
+    a = _rollout(model, noise, context, [1, 2], "truncate").x0
+    b = _rollout(model, noise, context, [1, 2], "straight_through").x0
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
