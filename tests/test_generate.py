@@ -105,6 +105,8 @@ def test_generate_frame_wise_and_prompts_file(trained, tmp_path):
         ("out_is_dir", "is a directory"),
         ("switch_off_chunk", "chunk boundary"),
         ("no_ema", "no EMA"),
+        ("unknown_word", "zebra"),
+        ("not_mp4", "expected a .mp4"),
     ],
 )
 def test_generate_bad_input_one_line_error(trained, tmp_path, case, message):
@@ -139,6 +141,11 @@ def test_generate_bad_input_one_line_error(trained, tmp_path, case, message):
         argv[1:3] = ["--prompt_schedule", f"0:{PROMPT_A};3:{PROMPT_B}"]
     elif case == "no_ema":
         argv.append("--use_ema")
+    elif case == "unknown_word":
+        argv[2] = "a zebra moving left on a dark background"
+    elif case == "not_mp4":
+        out = tmp_path / "o.avi"
+        argv[4] = out
     with pytest.raises(SystemExit) as e:
         gen(argv)
     text = str(e.value.code)

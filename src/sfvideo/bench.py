@@ -51,8 +51,8 @@ class BenchConfig:
 
     flavor: str = "toy"
     """Transformer size (``sfvideo.nn.wan.FLAVORS``)."""
-    latent_height: int = 16
-    latent_width: int = 16
+    latent_height: int = 8
+    latent_width: int = 8
     train_frames: int = 21
     """Latent frames of the training clip (the bidirectional baseline generates exactly this)."""
     frames_per_chunk: int = 3
@@ -66,6 +66,10 @@ class BenchConfig:
     """diffusers' CFG scale (two forwards per step)."""
     long_multiples: tuple[int, ...] = (4, 8)
     """Lengths of the rolling-vs-recompute comparison, in training lengths."""
+    long_latent_height: int = 32
+    long_latent_width: int = 32
+    """Latent size of the long-video sections (no VAE there, so larger: the attention over the context, not
+    per-call overhead, should dominate as it does at full resolution)."""
     per_chunk_chunks: int = 64
     vae_base_dim: int = 8
     """Width of the random Wan VAE (96 = the real Wan2.1 VAE)."""
@@ -86,10 +90,16 @@ class BenchConfig:
             frames_per_chunk=self.frames_per_chunk,
         )
 
+    @property
+    def long_geometry(self) -> VideoGeometry:
+        return replace(self.geometry, height=self.long_latent_height, width=self.long_latent_width)
+
 
 QUICK = BenchConfig(flavor="debug", latent_height=8, latent_width=8, train_frames=6, frames_per_chunk=2, text_len=8,
-                    baseline_steps=50, per_chunk_chunks=12, long_multiples=(2, 4))
-GPU = BenchConfig(flavor="1.3B", latent_height=60, latent_width=104, train_frames=21, frames_per_chunk=3,
+                    baseline_steps=50, per_chunk_chunks=12, long_multiples=(2, 4), long_latent_height=8,
+                    long_latent_width=8)
+GPU = BenchConfig(flavor="1.3B", latent_height=60, latent_width=104, long_latent_height=60, long_latent_width=104,
+                  train_frames=21, frames_per_chunk=3,
                   text_len=512, per_chunk_chunks=64, vae_base_dim=96, dtype="bfloat16", device="cuda", compile=True,
                   with_diffusers=False)
 
@@ -217,7 +227,7 @@ def run_recompute(model, geo: VideoGeometry, context, *, num_frames: int, step_s
 
 
 def run_diffusers(ref, codec, context, cfg: BenchConfig, geo: VideoGeometry, seed: int = 0,
-                  steps: int | None = None) -> dict[str, Any]:
+                  steps: int | None = None, decode: bool = True) -> dict[str, Any]:
     """diffusers' WanPipeline: ``steps`` bidirectional steps with CFG, then a full VAE decode."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
@@ -236,6 +246,8 @@ def run_diffusers(ref, codec, context, cfg: BenchConfig, geo: VideoGeometry, see
                    generator=g, output_type="latent", return_dict=False)[0]
     _sync(device)
     t1 = time.perf_counter()
+    if not decode:
+        return {"transformer_s": t1 - t0}
     with torch.no_grad():
         video = codec.vae.decode(latents.to(codec.dtype)).sample
     _sync(device)
@@ -255,13 +267,25 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
     sigmas = FlowMatchSchedule(shift=5.0).step_sigmas(list(cfg.steps))
     if cfg.compile:
         model = _try_compile(model, log)
-    results: dict[str, Any] = {"config": {**asdict(cfg), "geometry": asdict(geo)}}
+    results: dict[str, Any] = {"config": {**asdict(cfg), "geometry": asdict(geo),
+                                          "long_geometry": asdict(cfg.long_geometry)}}
     results["config"]["attention_backend"] = _backend_name(model, cfg)
     train = geo.num_frames
 
     # 1. vs diffusers (or, on GPU without diffusers, just our numbers)
     log("warm-up ...")
-    run_stream(model, geo, context, num_frames=geo.frames_per_chunk * 2, step_sigmas=sigmas, codec=codec)
+    try:
+        _warm_up(model, geo, context, sigmas, codec)
+    except Exception as e:
+        if not cfg.compile:
+            raise
+        # torch.compile fails lazily (at the first call): report it and measure eager.
+        log(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); running eager")
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        results["config"]["compile"] = False
+        results["config"]["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:500]}"
+        _warm_up(model, geo, context, sigmas, codec)
     ours = run_stream(model, geo, context, num_frames=train, step_sigmas=sigmas, codec=codec, seed=seed)
     ours_nodec = run_stream(model, geo, context, num_frames=train, step_sigmas=sigmas, seed=seed)
     # Pixel frames the same latents decode to, per transformer second (the paper counts pixel frames).
@@ -271,17 +295,21 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
         ref = diffusers_transformer(model)
         section["parity_max_abs"] = forward_parity(model, ref, geo, context)
         log("diffusers WanPipeline warm-up ...")
-        run_diffusers(ref, codec, context, cfg, geo, seed, steps=1)
+        run_diffusers(ref, codec, context, cfg, geo, seed, steps=1, decode=False)
         log(f"diffusers WanPipeline, {cfg.baseline_steps} steps with CFG ...")
         base = run_diffusers(ref, codec, context, cfg, geo, seed)
         section["diffusers"] = base
         section["throughput_ratio"] = ours["fps"] / base["fps"]
         section["latency_ratio"] = base["first_frame_s"] / ours["first_chunk_s"]
-        section["transformer_throughput_ratio"] = base["transformer_s"] / ours["transformer_s"]
+        # Transformer only (no VAE on either side): the generation algorithms alone.
+        section["transformer_throughput_ratio"] = base["transformer_s"] / ours_nodec["transformer_s"]
+        section["transformer_latency_ratio"] = base["transformer_s"] / ours_nodec["first_chunk_s"]
         del ref
     results["vs_diffusers" if cfg.with_diffusers else "streaming"] = section
 
     # 2. rolling vs recompute
+    geo = cfg.long_geometry
+    run_stream(model, geo, context, num_frames=train, step_sigmas=sigmas)  # warm-up at this size
     rolling: dict[str, Any] = {}
     for mult in cfg.long_multiples:
         n = mult * train
@@ -290,6 +318,7 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
         rec = run_recompute(model, geo, context, num_frames=n, step_sigmas=sigmas, window=train, seed=seed)
         rolling[f"{mult}x"] = {
             "latent_frames": n,
+            "latent_size": [geo.height, geo.width],
             "rolling_s": roll["transformer_s"],
             "recompute_s": rec["transformer_s"],
             "speedup": rec["transformer_s"] / roll["transformer_s"],
@@ -306,9 +335,16 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
     k = max(1, min(8, len(times) // 4))
     first = statistics.median(times[1 : 1 + k]) if len(times) > k else times[0]  # chunk 0 sees an empty cache
     last = statistics.median(times[-k:])
-    results["per_chunk"] = {"chunks": len(times), "window_frames": train, "per_chunk_s": times,
+    results["per_chunk"] = {"chunks": len(times), "window_frames": train, "latent_size": [geo.height, geo.width],
+                            "per_chunk_s": times,
                             "first_median_s": first, "last_median_s": last, "last_first_ratio": last / first}
     return results
+
+
+def _warm_up(model, geo: VideoGeometry, context, sigmas, codec) -> None:
+    """One training-length stream (every cache view size the timed runs meet) and one decoded chunk."""
+    run_stream(model, geo, context, num_frames=geo.num_frames, step_sigmas=sigmas)
+    run_stream(model, geo, context, num_frames=geo.frames_per_chunk, step_sigmas=sigmas, codec=codec)
 
 
 def _backend_name(model, cfg: BenchConfig) -> str:
@@ -319,13 +355,13 @@ def _backend_name(model, cfg: BenchConfig) -> str:
 
 
 def _try_compile(model, log):
+    """Compile each transformer block (the KV cache's python bookkeeping stays outside the graphs)."""
     try:
         for block in model.blocks:
             block.compile(dynamic=True)
-        return model
     except Exception as e:  # compile is an optimisation: report and go on
         log(f"torch.compile unavailable ({type(e).__name__}: {e}); running eager")
-        return model
+    return model
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -360,11 +396,13 @@ def print_table(results: dict[str, Any]) -> None:
                       f"{d['fps']:.2f}", f"{d['transformer_s']:.2f}", f"{d['decode_s']:.2f}")
         console.print(t)
         if "diffusers" in sec:
-            console.print(f"throughput ratio {sec['throughput_ratio']:.1f}x, first-frame latency ratio "
-                          f"{sec['latency_ratio']:.1f}x (paper, H100: 22x, 149x); weight parity max |diff| "
-                          f"{sec['parity_max_abs']:.2e}")
+            console.print(f"with VAE decode: throughput ratio {sec['throughput_ratio']:.1f}x, first-frame latency "
+                          f"ratio {sec['latency_ratio']:.1f}x; transformer only: "
+                          f"{sec['transformer_throughput_ratio']:.1f}x, {sec['transformer_latency_ratio']:.1f}x "
+                          f"(paper, H100: 22x, 149x); weight parity max |diff| {sec['parity_max_abs']:.2e}")
     if "rolling_vs_recompute" in results:
-        t = Table(title="Rolling KV cache vs recomputing the window every chunk (transformer only)")
+        size = "x".join(map(str, next(iter(results["rolling_vs_recompute"].values()))["latent_size"]))
+        t = Table(title=f"Rolling KV cache vs recomputing the window every chunk (transformer only, latent {size})")
         for col in ("length", "latent frames", "rolling (s)", "recompute (s)", "speed-up"):
             t.add_column(col, justify="right")
         for k, r in results["rolling_vs_recompute"].items():
@@ -402,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flavor", default=None, help="Transformer size (debug, toy, 1.3B, 14B).")
     g.add_argument("--latent_height", type=int, default=None)
     g.add_argument("--latent_width", type=int, default=None)
+    g.add_argument("--long_latent_height", type=int, default=None, help="Latent height of the long-video sections.")
+    g.add_argument("--long_latent_width", type=int, default=None)
     g.add_argument("--train_frames", type=int, default=None, help="Latent frames of the training clip.")
     g.add_argument("--frames_per_chunk", type=int, default=None)
     g.add_argument("--baseline_steps", type=int, default=None, help="diffusers steps (default 50).")
@@ -425,13 +465,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cfg = replace(GPU, with_diffusers=args.with_diffusers, compile=not args.no_compile)
     else:
         cfg = QUICK if args.quick else BenchConfig()
-    overrides = {k: getattr(args, k) for k in ("flavor", "latent_height", "latent_width", "train_frames",
-                                                "frames_per_chunk", "baseline_steps") if getattr(args, k) is not None}
+    names = ("flavor", "latent_height", "latent_width", "long_latent_height", "long_latent_width", "train_frames",
+             "frames_per_chunk", "baseline_steps")
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.chunks is not None:
         overrides["per_chunk_chunks"] = args.chunks
     try:
         cfg = replace(cfg, **overrides)
         geo = cfg.geometry
+        cfg.long_geometry  # noqa: B018 (validates)
     except (ValueError, KeyError) as e:
         raise SystemExit(f"{PROG}: error: {e}")
     command = "sfvideo bench " + " ".join(list(sys.argv[1:] if argv is None else argv))

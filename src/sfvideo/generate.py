@@ -291,7 +291,12 @@ def _run_config_spec(checkpoint: Path, role: str) -> Any:
 
 def build_encoder(role: str, spec: str, args_json: str | None, checkpoint: Path, loaded: LoadedGenerator) -> Any:
     """Instantiate the text encoder / codec: ``none``, a shorthand, a class path, or ``auto``."""
-    init_args = json.loads(args_json) if args_json else {}
+    try:
+        init_args = json.loads(args_json) if args_json else {}
+    except json.JSONDecodeError as e:
+        raise GenerateError(f"--{role}_args is not JSON: {e}")
+    if not isinstance(init_args, dict):
+        raise GenerateError(f"--{role}_args must be a JSON object, got {args_json!r}")
     if spec == "none":
         return None
     if spec == "auto":
@@ -471,7 +476,13 @@ def run(args: Any) -> dict[str, Any]:
 
     with torch.no_grad():
         t_text = time.perf_counter()
-        contexts = [(frame, text_encoder.encode([p]).to(device=device, dtype=dtype)) for frame, p in schedule_text]
+        contexts = []
+        for frame, prompt in schedule_text:
+            try:
+                emb = text_encoder.encode([prompt])
+            except ValueError as e:  # e.g. a word outside the toy vocabulary
+                raise GenerateError(f"prompt at latent frame {frame}: {e}")
+            contexts.append((frame, emb.to(device=device, dtype=dtype)))
         text_s = time.perf_counter() - t_text
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -494,7 +505,10 @@ def run(args: Any) -> dict[str, Any]:
     latents_all: list[torch.Tensor] = []
     frames_sheet: list[torch.Tensor] = []
     interrupted = False
-    writer = Mp4Writer(out, fps=args.fps) if codec is not None else None
+    try:
+        writer = Mp4Writer(out, fps=args.fps) if codec is not None else None
+    except OSError as e:
+        raise GenerateError(str(e))
     progress = Progress(TextColumn("chunks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[info]}"), console=console, disable=args.quiet, transient=False)
     try:

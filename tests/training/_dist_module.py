@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from sfvideo.training.strategies import (
     RANK_LOCAL_KEY,
@@ -59,7 +59,7 @@ class TinyNet(nn.Module):
 
 
 class TwoNetworkModule(pl.LightningModule):
-    """DMD-shaped alternation: generator step (teacher and critic under no_grad), then critic step."""
+    """DMD-shaped alternation of generator and critic updates, with gradient accumulation and a sharded EMA."""
 
     engine_modules = ("generator", "critic")
     frozen_modules = ("teacher",)
@@ -90,11 +90,13 @@ class TwoNetworkModule(pl.LightningModule):
             self.critic = TinyNet(dim, depth)
             self.teacher = TinyNet(dim, depth)
         self.teacher.requires_grad_(False).eval()
+        self.data = torch.randn(64, dim, generator=torch.Generator().manual_seed(1))
+        self.micro_steps = 0
         self.generator_steps = 0
         self.critic_steps = 0
         self.ema = ShardedEMA(decay=ema_decay, start_step=ema_start)
-        self.history: list[tuple[float, float, float]] = []
-        self._micro: list[tuple[float, float, float]] = []
+        self.history: list[tuple[float, float]] = []
+        self._micro: list[tuple[float, float]] = []
 
     def net(self, name: str) -> nn.Module:
         return network(self, name)
@@ -105,73 +107,78 @@ class TwoNetworkModule(pl.LightningModule):
             torch.optim.AdamW(self.critic.parameters(), lr=self.lr / 2, betas=(0.9, 0.99), weight_decay=0.01),
         ]
 
+    def _micro_batch(self) -> torch.Tensor:
+        # Rows come from the module's own micro-batch counter, not from Lightning's batch_idx / sampler (which
+        # replay a batch when resuming from an end-of-epoch checkpoint): micro-batch m of rank r takes rows
+        # [(m·W + r)·b, (m·W + r + 1)·b), so W ranks × b and 1 rank × W·b see the same samples per step.
+        world, b = self.trainer.world_size, self.batch_size
+        start = (self.micro_steps * world + self.global_rank) * b
+        rows = torch.arange(start, start + b) % len(self.data)
+        return self.data[rows].to(self.device)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        x = batch
-        if os.environ.get("SV_DEBUG"):
-            print("DEBUG step", self.global_rank, self.current_epoch, batch_idx, self.trainer.global_step, float(x.sum()), flush=True)
+        # Windows of ``accumulate`` micro-batches alternate between the generator (even windows) and the critic
+        # (odd windows): within a window only one network changes, so k micro-batches of b equal one batch of k·b.
+        x = self._micro_batch()
         k = self.accumulate
-        boundary = (batch_idx + 1) % k == 0
+        window, position = divmod(self.micro_steps, k)
+        boundary = position == k - 1
+        self.micro_steps += 1
         opt_g, opt_c = self.optimizers()
         generator, critic, teacher = self.net("generator"), self.net("critic"), self.net("teacher")
 
-        # Generator: two chained forwards with grad (a rollout calls the generator several times), DMD-style
-        # gradient (critic − teacher) with both under no_grad.
-        y = generator(0.5 * generator(x))
-        with torch.no_grad():
-            direction = critic(y) - teacher(y)
-        loss_g = 0.5 * ((y - (y - direction).detach()) ** 2).mean()
-        self.manual_backward(loss_g / k)
-        if boundary:
-            clip_gradients(self, opt_g, self.max_norm)
-            opt_g.step()
-            opt_g.zero_grad()
-            self.generator_steps += 1
-            self.ema.update(self.generator, self.generator_steps)
-
-        # Critic on detached generator samples.
-        with torch.no_grad():
+        if window % 2 == 0:
+            # Generator: two chained forwards with grad (a rollout calls the generator several times), DMD-style
+            # direction (critic − teacher) with both under no_grad.
             y = generator(0.5 * generator(x))
-        loss_c = ((critic(y) - x) ** 2).mean()
-        self.manual_backward(loss_c / k)
-        if boundary:
-            clip_gradients(self, opt_c, self.max_norm)
-            opt_c.step()
-            opt_c.zero_grad()
-            self.critic_steps += 1
+            with torch.no_grad():
+                direction = critic(y) - teacher(y)
+            loss = 0.5 * ((y - (y - direction).detach()) ** 2).mean()
+            self.manual_backward(loss / k)
+            if boundary:
+                clip_gradients(self, opt_g, self.max_norm)
+                opt_g.step()
+                opt_g.zero_grad()
+                self.generator_steps += 1
+                self.ema.update(self.generator, self.generator_steps)
+        else:
+            # Critic on detached generator samples.
+            with torch.no_grad():
+                y = generator(0.5 * generator(x))
+            loss = ((critic(y) - x) ** 2).mean()
+            self.manual_backward(loss / k)
+            if boundary:
+                clip_gradients(self, opt_c, self.max_norm)
+                opt_c.step()
+                opt_c.zero_grad()
+                self.critic_steps += 1
 
-        self._micro.append((float(loss_g.detach()), float(loss_c.detach()), float(x.sum())))
+        self._micro.append((float(loss.detach()), float(x.sum())))
         if boundary:
-            g, c, data = zip(*self._micro)
-            self.history.append((sum(g) / len(g), sum(c) / len(c), sum(data)))
+            losses, data = zip(*self._micro)
+            self.history.append((sum(losses) / k, sum(data)))
             self._micro = []
 
     def train_dataloader(self) -> DataLoader:
-        # An explicit, unshuffled DistributedSampler: rank r takes samples r, r + W, ... in every epoch, so runs
-        # with different world sizes, and resumed runs, see the same samples per optimizer step.
-        data = _Vectors(16, 8)
-        sampler = DistributedSampler(data, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(_Ticks(64), batch_size=1)  # only drives the loop; data comes from _micro_batch
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["counters"] = {"generator_steps": self.generator_steps, "critic_steps": self.critic_steps}
-        checkpoint["history"] = list(self.history)
-        checkpoint[RANK_LOCAL_KEY] = {"generator_ema": self.ema.state_dict()}
+        checkpoint["counters"] = {
+            "micro_steps": self.micro_steps,
+            "generator_steps": self.generator_steps,
+            "critic_steps": self.critic_steps,
+        }
+        # Losses differ per rank, so they are rank-local state like the sharded EMA.
+        checkpoint[RANK_LOCAL_KEY] = {"generator_ema": self.ema.state_dict(), "history": {"values": self.history}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.micro_steps = checkpoint["counters"]["micro_steps"]
         self.generator_steps = checkpoint["counters"]["generator_steps"]
         self.critic_steps = checkpoint["counters"]["critic_steps"]
-        self.history = list(checkpoint["history"])
+        self.history = list(checkpoint[RANK_LOCAL_KEY]["history"]["values"])
         self.ema.load_state_dict(checkpoint[RANK_LOCAL_KEY]["generator_ema"])
 
-    def on_train_start(self) -> None:
-        if os.environ.get("SV_DEBUG"):
-            sums = {n: float(sum(t.double().sum() for t in gather_full_state_dict(getattr(self, n), rank0_only=False).values())) for n in self._all_nets()}
-            print("DEBUG start", self.global_rank, self.trainer.global_step, sums, flush=True)
-
     def on_train_end(self) -> None:
-        if os.environ.get("SV_DEBUG"):
-            sums = {n: float(sum(t.double().sum() for t in gather_full_state_dict(getattr(self, n), rank0_only=False).values())) for n in self._all_nets()}
-            print("DEBUG end", self.global_rank, self.trainer.global_step, sums, flush=True)
         if self.results_dir is None:
             return
         strategy = self.trainer.strategy
@@ -180,6 +187,7 @@ class TwoNetworkModule(pl.LightningModule):
             "rank": self.global_rank,
             "world_size": self.trainer.world_size,
             "global_step": self.trainer.global_step,
+            "micro_steps": self.micro_steps,
             "generator_steps": self.generator_steps,
             "critic_steps": self.critic_steps,
             "history": list(self.history),
@@ -237,18 +245,18 @@ def _teacher_in_optimizers(teacher: nn.Module, optimizers) -> bool:
     return False
 
 
-class _Vectors(Dataset):
-    def __init__(self, n: int, dim: int) -> None:
-        self.data = torch.randn(n, dim, generator=torch.Generator().manual_seed(1))
+class _Ticks(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self.n
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i]
+    def __getitem__(self, i: int) -> int:
+        return i
 
 
-def build_strategy(name: str, devices: int):
+def build_strategy(name: str):
     if name == "single":
         return "auto"
     if name.startswith("zero"):
@@ -261,34 +269,38 @@ def build_strategy(name: str, devices: int):
     raise ValueError(f"unknown --strategy {name}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", required=True)
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--accumulate", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=4)
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--ckpt-dir", default=None, help="default <root>/ckpt")
-    parser.add_argument("--resume", action="store_true", help="fit(ckpt_path='last')")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def _fit(args: argparse.Namespace, max_steps: int, resume: bool) -> None:
     root = Path(args.root)
-    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else root / "ckpt"
     model = TwoNetworkModule(accumulate=args.accumulate, batch_size=args.batch_size, results_dir=str(root / "results"))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=build_strategy(args.strategy, args.devices),
-        max_steps=args.max_steps,
+        strategy=build_strategy(args.strategy),
+        max_steps=max_steps,
         logger=False,
         enable_progress_bar=False,
         default_root_dir=str(root),
-        num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0)],
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, save_top_k=0)],
     )
-    trainer.fit(model, ckpt_path="last" if args.resume else None)
+    trainer.fit(model, ckpt_path="last" if resume else None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", required=True, help="single | zero1 | zero2 | zero3 | zero3_replicated | fsdp2")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2, help="per rank")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--resume-at", type=int, default=0, help="first fit to this many steps, then a fresh Trainer "
+                        "and module resume from ckpt_path='last' up to --max-steps (0: one uninterrupted fit)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.resume_at:
+        _fit(args, args.resume_at, resume=False)
+    _fit(args, args.max_steps, resume=bool(args.resume_at))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

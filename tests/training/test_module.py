@@ -120,3 +120,23 @@ def test_truncate_and_straight_through_have_identical_forward_values():
     a = _rollout(model, noise, context, [1, 2], "truncate").x0
     b = _rollout(model, noise, context, [1, 2], "straight_through").x0
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_export_generator_and_ema_as_diffusers_folder(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from sfvideo.export import export_checkpoint
+
+    _fit(tmp_path)
+    (ckpt,) = tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")
+    plain = WanTransformer.from_pretrained(export_checkpoint(ckpt, tmp_path / "gen"))
+    ema = WanTransformer3DModel.from_pretrained(export_checkpoint(ckpt, tmp_path / "ema", ema=True))
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(p, state["state_dict"]["generator." + name], rtol=0, atol=0)
+    ema_params = dict(ema.named_parameters())
+    for name, value in state["sfvideo"]["ema"].items():
+        torch.testing.assert_close(ema_params[name], value, rtol=0, atol=0)
+    assert any((dict(plain.named_parameters())[k] != v).any() for k, v in state["sfvideo"]["ema"].items())
+    with pytest.raises(ValueError, match="critic|network"):
+        export_checkpoint(ckpt, tmp_path / "x", network="teacher")

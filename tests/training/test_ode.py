@@ -147,6 +147,7 @@ def test_two_training_steps_with_mocks(tmp_path, mock_builder):
     module = make_module()
     trainer(2).fit(module, datamodule=prompt_data(tmp_path))
     teacher, generator = module.teacher, module.generator
+    assert module.frozen_modules == ("teacher",)
     assert module.generator_steps == 2
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     start = mock_builder[0]
@@ -208,6 +209,14 @@ def test_checkpoint_resume_restores_the_step_counter(tmp_path, mock_builder):
     assert len(resumed.generator.calls) == 1  # only the third step ran
 
 
+def test_grad_clip_bounds_the_update(tmp_path, mock_builder):
+    module = make_module(grad_clip=1e-3, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    trainer(1).fit(module, datamodule=prompt_data(tmp_path))
+    start = mock_builder[0]
+    delta = torch.cat([(p - q).flatten() for p, q in zip(module.generator.parameters(), start.parameters())])
+    assert 0 < delta.norm().item() <= 1e-3 + 1e-7
+
+
 def test_loss_decreases_on_a_fixed_batch(tmp_path, mock_builder):
     module = make_module(reuse_trajectories=1000, optimizer=lambda p: torch.optim.Adam(p, lr=2e-2))
     module.configure_model()
@@ -252,6 +261,7 @@ def test_generate_ode_pairs_file_round_trip_and_training(tmp_path, mock_builder)
     module = make_module(trajectories=str(path))
     trainer(2).fit(module, datamodule=prompt_data(tmp_path))
     assert module.generator_steps == 2 and not hasattr(module, "teacher")
+    assert module.frozen_modules == () and module.engine_modules == ("generator",)
     assert len(module.generator.calls) == 2
 
     bad = make_module(trajectories=str(path), shift=5.0)

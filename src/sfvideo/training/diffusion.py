@@ -23,11 +23,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from sfvideo.diffusion.schedule import FlowMatchSchedule, add_noise, flow_target
 from sfvideo.geometry import VideoGeometry
 from sfvideo.nn.interfaces import TextEncoder
-from sfvideo.training.networks import build_transformer
-
-
-def _adamw(params):
-    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
+from sfvideo.training.networks import build_transformer, network_configs
 
 
 class FlowMatchingDiffusion(L.LightningModule):
@@ -42,7 +38,7 @@ class FlowMatchingDiffusion(L.LightningModule):
         negative_prompt: prompt of the unconditional branch (used for caption dropout).
         caption_dropout: probability of training a sample unconditionally.
         shift: timestep shift of the schedule.
-        optimizer: optimizer factory (default AdamW lr 1e-4, betas (0.9, 0.99)).
+        optimizer: optimizer factory (default: torch AdamW, lr 1e-3).
         warmup_steps: linear learning-rate warm-up.
         ema_decay: EMA of the weights (the exported teacher is the EMA when > 0).
         seed: seed of the random initialisation and of noise.
@@ -58,7 +54,7 @@ class FlowMatchingDiffusion(L.LightningModule):
         negative_prompt: str = "",
         caption_dropout: float = 0.1,
         shift: float = 5.0,
-        optimizer: OptimizerCallable = _adamw,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         ema_decay: float = 0.0,
         seed: int = 0,
@@ -137,7 +133,10 @@ class FlowMatchingDiffusion(L.LightningModule):
                     self.ema[k].lerp_(p.detach(), 1.0 - decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sfvideo"] = {"ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.items()}}
+        checkpoint["sfvideo"] = {
+            "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.items()},
+            "configs": network_configs(self, ("model",)),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         ema = checkpoint.get("sfvideo", {}).get("ema")

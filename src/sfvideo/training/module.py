@@ -18,7 +18,7 @@ Both are re-derived from the step counters, so a resumed run draws exactly what 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -33,26 +33,12 @@ from sfvideo.geometry import VideoGeometry
 from sfvideo.losses.critic import critic_loss
 from sfvideo.losses.dmd import dmd_loss
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
-from sfvideo.training.networks import build_transformer, freeze
+from sfvideo.training.networks import build_transformer, freeze, network_configs
+from sfvideo.training.seeding import mix_seed
+from sfvideo.training.optim import CriticAdamW, GeneratorAdamW
 
 WAN_NEGATIVE_PROMPT = ""
 """Default negative prompt (the unconditional branch of classifier-free guidance)."""
-
-
-def _adamw(lr: float) -> OptimizerCallable:
-    # The official recipe (notes §4.6): betas (0, 0.999), weight decay 0.01.
-    def make(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.0, 0.999), weight_decay=0.01)
-
-    return make
-
-
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (deterministic across processes, unlike ``hash``)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
 
 
 class SelfForcingDMD(L.LightningModule):
@@ -125,8 +111,8 @@ class SelfForcingDMD(L.LightningModule):
         cache_grad_mode: Literal["truncate", "straight_through"] = "truncate",
         critic_updates_per_generator_update: int = 5,
         accumulate_micro_batches: int = 1,
-        generator_optimizer: OptimizerCallable = _adamw(2e-6),
-        critic_optimizer: OptimizerCallable = _adamw(4e-7),
+        generator_optimizer: OptimizerCallable = GeneratorAdamW,
+        critic_optimizer: OptimizerCallable = CriticAdamW,
         grad_clip: float = 10.0,
         ema_decay: float = 0.99,
         ema_start_step: int = 200,
@@ -224,7 +210,7 @@ class SelfForcingDMD(L.LightningModule):
     # ------------------------------------------------------------------ randomness
     def _generator(self, *parts: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(_mix_seed(self.hparams.seed, *parts))
+        g.manual_seed(mix_seed(self.hparams.seed, *parts))
         return g
 
     def shared_generator(self, role: int) -> torch.Generator:
@@ -414,6 +400,7 @@ class SelfForcingDMD(L.LightningModule):
             "generator_steps": self.generator_steps,
             "critic_steps": self.critic_steps,
             "ema": None if self.ema is None else {k: v.detach().cpu() for k, v in self.ema.items()},
+            "configs": network_configs(self, ("generator", "critic")),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

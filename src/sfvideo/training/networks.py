@@ -57,3 +57,14 @@ def build_transformer(
     return load_transformer(str(path), strict=True)
 
 
+
+
+def network_configs(module: nn.Module, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Constructor configs of the named networks, stored in checkpoints so exports need no guessing."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        net = getattr(module, name, None)
+        config = getattr(net, "config", None)
+        if config is not None:
+            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
+    return out

@@ -1,4 +1,4 @@
-"""ODE initialisation of the causal generator (CausVid, Yin et al. 2025 §4; Self Forcing's ``ode_init.pt``; notes §5).
+"""ODE initialisation of the causal generator (CausVid, Yin et al. 2025; Self Forcing's ``ode_init.pt``; notes §5).
 
 Before Self Forcing, the causal few-step generator is regressed onto the bidirectional teacher's deterministic
 ODE trajectories, so it learns causality and few-step denoising before DMD:
@@ -43,7 +43,9 @@ from sfvideo.diffusion.sampling import Guidance, euler_sample, ode_sigmas
 from sfvideo.diffusion.schedule import FlowMatchSchedule
 from sfvideo.geometry import VideoGeometry, check_chunking
 from sfvideo.nn.interfaces import TextEncoder
-from sfvideo.training.networks import build_transformer, freeze
+from sfvideo.training.networks import build_transformer, freeze, network_configs
+from sfvideo.training.optim import ODEAdamW
+from sfvideo.training.seeding import mix_seed
 from sfvideo.training.strategies import clip_gradients, network
 
 WAN_NEGATIVE_PROMPT = ""
@@ -51,22 +53,6 @@ WAN_NEGATIVE_PROMPT = ""
 
 ODE_PAIRS_FORMAT = "sfvideo-ode-pairs/1"
 """Value of the ``format`` key of a trajectories file."""
-
-
-def _adamw(lr: float) -> OptimizerCallable:
-    # CausVid's ODE config (notes §4.6): AdamW, betas (0.9, 0.999), default weight decay.
-    def make(params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
-
-    return make
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (FNV-1a style; deterministic across processes, unlike ``hash``)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,7 +230,8 @@ def generate_ode_pairs(
     """Generate teacher ODE trajectories for ``prompts`` and save them (atomically) to ``path`` for :class:`ODEInit`.
 
     The noise of prompt ``i`` comes from a CPU generator seeded with ``(seed, i)``, so the file does not depend on
-    ``batch_size`` or the device; shard a prompt list across processes by giving each a slice and its own path.
+    ``batch_size`` or the device; to shard a prompt list across processes give each a slice, its own path and its
+    own ``seed`` (the noise index restarts at 0 in every call).
 
     File layout (``torch.save``; ``torch.load(weights_only=True)`` reads it): ``format`` = ``ODE_PAIRS_FORMAT``,
     ``prompts`` (list of N str), ``trajectories`` ``(N, S + 1, F, C, H, W)`` in ``storage_dtype`` (the official
@@ -276,7 +263,7 @@ def generate_ode_pairs(
     denoiser = Denoiser(teacher)
     schedule = FlowMatchSchedule(shift=ode_shift)
     unguided = guidance_scale == (1.0 if guidance == "standard" else 0.0)
-    uncond = None if unguided else text_encoder.encode([negative_prompt]).to(device)
+    uncond = None if unguided else text_encoder.encode([negative_prompt]).to(device, dtype)
     shape = geometry.latent_shape(1)[1:]
     chunks = []
     for start in range(0, len(prompts), batch_size):
@@ -284,7 +271,7 @@ def generate_ode_pairs(
         # One CPU generator per prompt index: the file is independent of batch size and device.
         gens = [torch.Generator().manual_seed(mix_seed(seed, start + i)) for i in range(len(batch))]
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
-        cond = text_encoder.encode(batch).to(device)
+        cond = text_encoder.encode(batch).to(device, dtype)
         traj = ode_trajectories(
             denoiser, noise, cond, uncond, step_sigmas=step_sigmas, schedule=schedule, num_steps=ode_steps,
             guidance_scale=guidance_scale, guidance=guidance,
@@ -378,7 +365,11 @@ class ODEInit(L.LightningModule):
     """
 
     engine_modules = ("generator",)
-    frozen_modules = ("teacher",)
+
+    @property
+    def frozen_modules(self) -> tuple[str, ...]:
+        """Frozen networks for the strategies: the teacher, unless trajectories come from a file (then none)."""
+        return ("teacher",) if self.hparams.trajectories is None else ()
 
     def __init__(
         self,
@@ -397,7 +388,7 @@ class ODEInit(L.LightningModule):
         ode_guidance: Literal["standard", "official"] = "standard",
         trajectories: str | None = None,
         reuse_trajectories: int = 1,
-        optimizer: OptimizerCallable = _adamw(2e-6),
+        optimizer: OptimizerCallable = ODEAdamW,
         grad_clip: float = 10.0,
         gradient_checkpointing: bool = False,
         teacher_dtype: Literal["float32", "bfloat16"] = "float32",
@@ -447,7 +438,7 @@ class ODEInit(L.LightningModule):
         h = self.hparams
         teacher = build_transformer(h.teacher, overrides=h.teacher_overrides, seed=h.seed)
         if h.generator_init:
-            self.generator = build_transformer(h.generator_init, like=teacher)
+            self.generator = build_transformer(h.generator_init)
         else:
             self.generator = copy.deepcopy(teacher)
         self.generator.train()
@@ -489,7 +480,7 @@ class ODEInit(L.LightningModule):
         g = self._generator(0, self.generator_steps, self.global_rank)
         noise = torch.randn(geo.latent_shape(len(prompts)), generator=g, device=self.device, dtype=teacher_dtype)
         traj = ode_trajectories(
-            Denoiser(self.teacher, num_train_timesteps=self.schedule.num_train_timesteps),
+            Denoiser(self.net("teacher"), num_train_timesteps=self.schedule.num_train_timesteps),
             noise,
             cond.to(teacher_dtype),
             uncond.to(teacher_dtype),
@@ -588,7 +579,10 @@ class ODEInit(L.LightningModule):
         for key in [k for k in state if k.startswith("teacher.")]:
             del state[key]
         # Cached trajectories are not saved: a resumed run regenerates them at its first step.
-        checkpoint["sfvideo"] = {"generator_steps": self.generator_steps}
+        checkpoint["sfvideo"] = {
+            "generator_steps": self.generator_steps,
+            "configs": network_configs(self, ("generator",)),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.generator_steps = int(checkpoint.get("sfvideo", {}).get("generator_steps", 0))
