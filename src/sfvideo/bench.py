@@ -66,8 +66,8 @@ class BenchConfig:
     """diffusers' CFG scale (two forwards per step)."""
     long_multiples: tuple[int, ...] = (4, 8)
     """Lengths of the rolling-vs-recompute comparison, in training lengths."""
-    long_latent_height: int = 32
-    long_latent_width: int = 32
+    long_latent_height: int = 16
+    long_latent_width: int = 16
     """Latent size of the long-video sections (no VAE there, so larger: the attention over the context, not
     per-call overhead, should dominate as it does at full resolution)."""
     per_chunk_chunks: int = 64

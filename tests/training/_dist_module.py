@@ -3,11 +3,11 @@
 Used only by ``tests/training/test_strategies.py``, which runs this file as a subprocess (Lightning then launches
 the other ranks by re-running the same command line)::
 
-    DS_ACCELERATOR=cpu python tests/training/_dist_module.py --strategy zero2 --devices 2 --root /tmp/run \
-        --max-steps 4 [--resume]
+    DS_ACCELERATOR=cpu python tests/training/_dist_module.py --strategy zero2,fsdp2 --devices 2 --root /tmp/run \
+        --accumulate 2 --max-steps 8 --resume-at 4
 
-Every rank writes ``<root>/results/rank<r>.pt`` at the end of fit: full parameters and EMA, local Adam moments,
-counters, losses and the engine types, so the test can compare ranks and runs.
+Every rank writes ``<root>/<strategy>/results/rank<r>.pt`` at the end of each fit: full parameters and EMA,
+local Adam moments, counters, losses and the engine types, so the test can compare ranks and runs.
 """
 
 from __future__ import annotations
@@ -114,7 +114,11 @@ class TwoNetworkModule(pl.LightningModule):
         world, b = self.trainer.world_size, self.batch_size
         start = (self.micro_steps * world + self.global_rank) * b
         rows = torch.arange(start, start + b) % len(self.data)
-        return self.data[rows].to(self.device)
+        x = self.data[rows].to(self.device)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, MultiEngineDeepSpeedStrategy) and strategy.bf16:
+            x = x.to(torch.bfloat16)  # DeepSpeed bf16 engines hold bf16 weights and do not cast inputs
+        return x
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         # Windows of ``accumulate`` micro-batches alternate between the generator (even windows) and the critic
@@ -260,23 +264,26 @@ def build_strategy(name: str):
     if name == "single":
         return "auto"
     if name.startswith("zero"):
-        stage = int(name[4])
         return MultiEngineDeepSpeedStrategy(
-            stage=stage, gradient_clipping=0.5, partition_frozen=not name.endswith("_replicated")
+            stage=int(name[4]),
+            bf16=name.endswith("_bf16"),
+            gradient_clipping=0.5,
+            partition_frozen=not name.endswith("_replicated"),
         )
     if name == "fsdp2":
         return FSDP2Strategy(shard_frozen=True)
     raise ValueError(f"unknown --strategy {name}")
 
 
-def _fit(args: argparse.Namespace, max_steps: int, resume: bool) -> None:
-    root = Path(args.root)
+def _fit(args: argparse.Namespace, strategy: str, max_steps: int, resume: bool) -> None:
+    root = Path(args.root) / strategy
     model = TwoNetworkModule(accumulate=args.accumulate, batch_size=args.batch_size, results_dir=str(root / "results"))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=build_strategy(args.strategy),
+        strategy=build_strategy(strategy),
         max_steps=max_steps,
+        precision="bf16-mixed" if strategy.endswith("_bf16") else "32-true",
         logger=False,
         enable_progress_bar=False,
         default_root_dir=str(root),
@@ -288,19 +295,31 @@ def _fit(args: argparse.Namespace, max_steps: int, resume: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", required=True, help="single | zero1 | zero2 | zero3 | zero3_replicated | fsdp2")
+    parser.add_argument(
+        "--strategy",
+        required=True,
+        help="comma-separated list of: single, zero1, zero2, zero3, zero2_bf16, zero3_bf16, zero3_replicated, fsdp2",
+    )
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2, help="per rank")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--root", required=True)
-    parser.add_argument("--resume-at", type=int, default=0, help="first fit to this many steps, then a fresh Trainer "
-                        "and module resume from ckpt_path='last' up to --max-steps (0: one uninterrupted fit)")
+    parser.add_argument(
+        "--resume-at",
+        type=int,
+        default=0,
+        help="first fit to this many steps, then a fresh Trainer "
+        "and module resume from ckpt_path='last' up to --max-steps (0: one uninterrupted fit)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.resume_at:
-        _fit(args, args.resume_at, resume=False)
-    _fit(args, args.max_steps, resume=bool(args.resume_at))
+    # Several strategies run one after the other in the same processes (the process group is reused), which
+    # saves the start-up of a launch per strategy.
+    for strategy in args.strategy.split(","):
+        if args.resume_at:
+            _fit(args, strategy, args.resume_at, resume=False)
+        _fit(args, strategy, args.max_steps, resume=bool(args.resume_at))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -13,7 +13,7 @@ better estimator at small N (JEDi, arXiv 2410.05203); FD needs N well above D.
 
 The shipped checkpoint ``src/sfvideo/assets/toy_features.safetensors`` was produced on CPU by::
 
-    python -m sfvideo.toy.features --out src/sfvideo/assets/toy_features.safetensors --seed 0 --steps 600
+    python -m sfvideo.toy.features --out src/sfvideo/assets/toy_features.safetensors --seed 0 --steps 300
 
 (about a minute on 2 cores). Its safetensors metadata holds the architecture, the world config and the seed.
 """
@@ -57,8 +57,12 @@ _FACTORS: tuple[str, ...] = (
 _NUM_REGRESSION = 1  # speed of one-object clips, as a fraction of the speed range
 
 
+def _groups(channels: int) -> int:
+    return 4 if channels % 4 == 0 else 1
+
+
 class ToyFeatureEncoder(nn.Module):
-    """Patchify, two 3-D convolutions, mean and max pool: videos ``(B, T, 3, H, W)`` -> features ``(B, 2 widths[-1])``.
+    """Patchify, 3-D convolutions (each with GroupNorm and GELU), mean and max pool: videos ``(B, T, 3, H, W)`` -> features ``(B, 2 widths[-1])``.
 
     The first layer embeds non-overlapping ``patch`` x ``patch`` pixel patches per frame (cheap on CPU); the 3x3x3
     convolutions then mix space and time (the second one strided by 2). Max pooling keeps the small object's
@@ -76,10 +80,20 @@ class ToyFeatureEncoder(nn.Module):
             raise ValueError(f"ToyFeatureEncoder.widths needs >= 2 entries, got {widths}")
         self.widths = tuple(widths)
         self.patch = patch
-        layers: list[nn.Module] = [nn.Conv3d(3, widths[0], (1, patch, patch), stride=(1, patch, patch)), nn.GELU()]
+        # GroupNorm: without it the object's few pixels barely move the pooled features at init and training
+        # crawls (measured: BCE 0.44 vs 0.33 after 60 steps).
+        layers: list[nn.Module] = [
+            nn.Conv3d(6, widths[0], (1, patch, patch), stride=(1, patch, patch)),
+            nn.GroupNorm(_groups(widths[0]), widths[0]),
+            nn.GELU(),
+        ]
         for i in range(1, len(widths)):
             stride = 2 if i == len(widths) - 1 else 1
-            layers += [nn.Conv3d(widths[i - 1], widths[i], 3, stride=stride, padding=1), nn.GELU()]
+            layers += [
+                nn.Conv3d(widths[i - 1], widths[i], 3, stride=stride, padding=1),
+                nn.GroupNorm(_groups(widths[i]), widths[i]),
+                nn.GELU(),
+            ]
         self.body = nn.Sequential(*layers)
         self.num_features = 2 * widths[-1]
         self.head = nn.Linear(self.num_features, len(_FACTORS) + _NUM_REGRESSION)
@@ -90,7 +104,11 @@ class ToyFeatureEncoder(nn.Module):
             raise ValueError(f"ToyFeatureEncoder: video must be (B, T, 3, H, W), got {tuple(video.shape)}")
         if video.shape[-1] % self.patch or video.shape[-2] % self.patch:
             raise ValueError(f"ToyFeatureEncoder: frame size {tuple(video.shape[-2:])} not divisible by patch={self.patch}")
-        x = video.to(self.head.weight.dtype).permute(0, 2, 1, 3, 4)  # (B, 3, T, H, W) for Conv3d
+        x = video.to(self.head.weight.dtype)
+        # Parameter-free background removal: the per-frame median colour is the background (it covers most of
+        # the frame), so x - median leaves the objects on zero and gives them a strong signal from the start.
+        median = x.flatten(3).median(dim=3).values[..., None, None]  # (B, T, 3, 1, 1)
+        x = torch.cat([x, x - median], dim=2).permute(0, 2, 1, 3, 4)  # (B, 6, T, H, W) for Conv3d
         h = self.body(x).flatten(2)  # (B, C, T' H' W')
         return torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1).float()
 
@@ -159,13 +177,13 @@ def make_dataset(
 
 def train_feature_encoder(
     config: ToyWorldConfig | None = None,
-    steps: int = 400,
+    steps: int = 300,
     seed: int = 0,
     batch_size: int = 32,
-    num_videos: int = 1024,
+    num_videos: int = 512,
     crop_frames: int = 8,
     widths: tuple[int, ...] = (16, 16, 32),
-    lr: float = 1e-2,
+    lr: float = 3e-3,
     log: Callable[[str], None] | None = None,
 ) -> ToyFeatureEncoder:
     """Train the feature encoder on real toy-world videos (CPU, one to two minutes at the defaults).
@@ -388,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the toy world's FD-syn feature encoder.")
     p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=300)
     args = p.parse_args(argv)
     config = ToyWorldConfig()
     t0 = time.perf_counter()

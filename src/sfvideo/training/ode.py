@@ -568,10 +568,11 @@ class ODEInit(L.LightningModule):
         self.log("train/loss_bar", loss.detach(), prog_bar=True, on_step=True, logger=False, batch_size=1)
         return loss.detach()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Counted before this step's checkpoint is written, so a resume starts at the next batch.
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "on_train_batch_end_count"):
-            dm.on_train_batch_end_count()
+        if dm is not None and hasattr(dm, "count_consumed_batch"):
+            dm.count_consumed_batch()
 
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

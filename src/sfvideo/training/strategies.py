@@ -194,9 +194,11 @@ class ShardedEMA:
     """
 
     def __init__(self, decay: float = 0.99, start_step: int = 0) -> None:
-        """Args:
-        decay: EMA decay per update, in [0, 1).
-        start_step: first step (the caller's counter, e.g. generator steps) at which the EMA exists.
+        """Create an empty EMA; it starts at the first ``update`` with ``step >= start_step``.
+
+        Args:
+            decay: EMA decay per update, in [0, 1).
+            start_step: first step (the caller's counter, e.g. generator steps) at which the EMA exists.
         """
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ShardedEMA: decay must be in [0, 1), got {decay}")
@@ -401,26 +403,28 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
         timeout: timedelta | None = default_pg_timeout,
         logging_level: int = logging.WARNING,
     ) -> None:
-        """Args:
-        stage: ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters.
-        bf16: bf16 parameters and compute with fp32 master weights in the optimizer; needs
-            ``Trainer(precision="bf16-mixed")`` (so inputs are cast). Frozen networks are cast to bf16 too.
-        offload_optimizer: keep optimizer states (and the step) on CPU (ZeRO-Offload).
-        offload_params: keep ZeRO-3 parameter partitions on CPU (needs ``stage=3``).
-        partition_frozen: under ZeRO-3, partition frozen networks as optimizer-less engines; otherwise they are
-            replicated on every rank (and Lightning's model summary is disabled, since it assumes ZeRO-3
-            partitioned every parameter). Ignored for stages 1 and 2 (frozen networks are replicated).
-        gradient_clipping: total-norm clipping applied by each engine in ``step()`` (0 = off). Must equal the
-            ``max_norm`` the module passes to :func:`clip_gradients`.
-        zero_init: under ZeRO-3, build networks created in ``configure_model`` inside ``deepspeed.zero.Init``
-            (partitioned at construction; pretrained weights must then be loaded through
-            ``deepspeed.zero.GatheredParameters``). Off by default: networks are built whole, then partitioned.
-        pin_memory: pin CPU-offloaded states (faster transfers; needs CUDA).
-        overrides: DeepSpeed config entries merged (recursively) over the generated config, e.g.
-            ``{"zero_optimization": {"reduce_bucket_size": 5.0e7}}``.
-        process_group_backend: ``nccl`` on GPU, ``gloo`` on CPU by default.
-        timeout: collective timeout.
-        logging_level: DeepSpeed's logging level.
+        """Configure it; each argument is an ``init_args`` key in YAML.
+
+        Args:
+            stage: ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters.
+            bf16: bf16 parameters and compute with fp32 master weights in the optimizer; needs
+                ``Trainer(precision="bf16-mixed")`` (so inputs are cast). Frozen networks are cast to bf16 too.
+            offload_optimizer: keep optimizer states (and the step) on CPU (ZeRO-Offload).
+            offload_params: keep ZeRO-3 parameter partitions on CPU (needs ``stage=3``).
+            partition_frozen: under ZeRO-3, partition frozen networks as optimizer-less engines; otherwise they are
+                replicated on every rank (and Lightning's model summary is disabled, since it assumes ZeRO-3
+                partitioned every parameter). Ignored for stages 1 and 2 (frozen networks are replicated).
+            gradient_clipping: total-norm clipping applied by each engine in ``step()`` (0 = off). Must equal the
+                ``max_norm`` the module passes to :func:`clip_gradients`.
+            zero_init: under ZeRO-3, build networks created in ``configure_model`` inside ``deepspeed.zero.Init``
+                (partitioned at construction; pretrained weights must then be loaded through
+                ``deepspeed.zero.GatheredParameters``). Off by default: networks are built whole, then partitioned.
+            pin_memory: pin CPU-offloaded states (faster transfers; needs CUDA).
+            overrides: DeepSpeed config entries merged (recursively) over the generated config, e.g.
+                ``{"zero_optimization": {"reduce_bucket_size": 5.0e7}}``.
+            process_group_backend: ``nccl`` on GPU, ``gloo`` on CPU by default.
+            timeout: collective timeout.
+            logging_level: DeepSpeed's logging level.
         """
         if stage not in (1, 2, 3):
             raise ValueError(f"MultiEngineDeepSpeedStrategy: stage must be 1, 2 or 3, got {stage}")
@@ -576,7 +580,10 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
             net = getattr(model, name)
             if self.zero_stage_3:
                 self._engines[name] = deepspeed.initialize(
-                    args=self._ds_args(), config=self._frozen_config(), model=net, model_parameters=[],
+                    args=self._ds_args(),
+                    config=self._frozen_config(),
+                    model=net,
+                    model_parameters=[],
                     dist_init_required=False,
                 )[0]
             else:
@@ -588,17 +595,22 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         self._frozen_engines = {}
+        # bf16 may come from bf16=True or from Trainer(precision="bf16-*") (Lightning fills the config).
+        bf16 = bool(self.config.get("bf16", {}).get("enabled"))
         for name in frozen_module_names(model):
             net = getattr(model, name)
             if any(p.requires_grad for p in net.parameters()):
                 raise ValueError(f"frozen network {name!r} has parameters with requires_grad=True; freeze it first")
             if self.zero_stage_3 and self.partition_frozen:
                 self._frozen_engines[name] = deepspeed.initialize(
-                    args=self._ds_args(), config=self._frozen_config(), model=net, model_parameters=[],
+                    args=self._ds_args(),
+                    config=self._frozen_config(),
+                    model=net,
+                    model_parameters=[],
                     dist_init_required=False,
                 )[0]
             else:
-                net.to(self.root_device, dtype=torch.bfloat16 if self.bf16 else None)
+                net.to(self.root_device, dtype=torch.bfloat16 if bf16 else None)
 
     def network(self, name: str) -> nn.Module:
         """The engine of network ``name`` if it has one, else the submodule (see :func:`network`)."""
@@ -751,17 +763,19 @@ class FSDP2Strategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
-        """Args:
-        block_attr: attribute of each network holding its transformer blocks (a sequence of modules), each
-            sharded as its own FSDP unit; a network without it is sharded as one unit.
-        shard_frozen: shard frozen networks (teacher) too; otherwise each rank holds a full copy.
-        bf16: FSDP2 mixed precision: bf16 parameters for compute, fp32 sharded masters and fp32 gradient
-            reduction; frozen networks are stored in bf16. Use with ``Trainer(precision="32-true")``.
-        reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3-like memory);
-            ``False`` keeps them until backward (ZeRO-2-like, fewer all-gathers).
-        save_distributed_checkpoint: one shard file per rank (``True``) or a single full file on rank 0.
-        process_group_backend: ``nccl`` on GPU, ``gloo`` on CPU by default.
-        timeout: collective timeout.
+        """Configure it; each argument is an ``init_args`` key in YAML.
+
+        Args:
+            block_attr: attribute of each network holding its transformer blocks (a sequence of modules), each
+                sharded as its own FSDP unit; a network without it is sharded as one unit.
+            shard_frozen: shard frozen networks (teacher) too; otherwise each rank holds a full copy.
+            bf16: FSDP2 mixed precision: bf16 parameters for compute, fp32 sharded masters and fp32 gradient
+                reduction; frozen networks are stored in bf16. Use with ``Trainer(precision="32-true")``.
+            reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3-like memory);
+                ``False`` keeps them until backward (ZeRO-2-like, fewer all-gathers).
+            save_distributed_checkpoint: one shard file per rank (``True``) or a single full file on rank 0.
+            process_group_backend: ``nccl`` on GPU, ``gloo`` on CPU by default.
+            timeout: collective timeout.
         """
         super().__init__(
             data_parallel_size="auto",
@@ -845,4 +859,3 @@ class FSDP2Strategy(ModelParallelStrategy):
             if rank_local is not None:
                 state[RANK_LOCAL_KEY] = rank_local
         return state
-
