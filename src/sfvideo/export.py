@@ -61,7 +61,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, *, network: str | None 
         raise ValueError(f"{ckpt}: no stored config for network {network!r} (have: {sorted(configs)})")
     weights = {k[len(network) + 1 :]: v for k, v in state["state_dict"].items() if k.startswith(network + ".")}
     if ema:
-        ema_state = extra.get("ema")
+        # Per-rank EMA state (``rank_local``); one-device and ZeRO-1/2 runs store it whole in the .ckpt file.
+        ema_entry = (state.get("rank_local") or {}).get(f"{network}_ema") or {}
+        ema_state = ema_entry.get("shadow") or extra.get("ema")
         if not ema_state:
             raise ValueError(f"{ckpt}: --ema asked for, but the checkpoint holds no EMA (did the EMA start yet?)")
         weights.update(ema_state)

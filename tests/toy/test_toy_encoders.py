@@ -7,8 +7,11 @@ from sfvideo.nn.interfaces import TextEncoder, VideoCodec
 from sfvideo.toy.encoders import ToyCodec, ToyTextEncoder, toy_geometry
 from sfvideo.toy.world import ToyWorldConfig, render_batch, train_prompts
 
-PROMPTS = ["a red circle moving left on a dark background",
-           "a red circle moving left and a blue square moving up on a light background", ""]
+PROMPTS = [
+    "a red circle moving left on a dark background",
+    "a red circle moving left and a blue square moving up on a light background",
+    "",
+]
 
 
 def test_codec_round_trip_is_exact_and_streams():

@@ -44,7 +44,7 @@ def test_real_videos_score_near_perfectly(real):
         assert r[name] >= 0.95, (name, r[name])
     assert r["flicker"] < 1e-6
     assert r["brightness_error"] < 0.01 and r["saturation_error"] < 0.01
-    assert abs(r["brightness_drift"]) < 0.005 and abs(r["saturation_drift"]) < 0.005
+    assert abs(r["brightness_drift"]) < 0.001 and abs(r["saturation_drift"]) < 0.001
     for name in FRAME_METRICS:
         assert r[f"{name}_curve"].shape == (21,)
     assert r["motion_acc_curve"][0].isnan() and r["flicker_curve"][0].isnan()
@@ -67,8 +67,10 @@ def test_metrics_are_deterministic_and_accumulate(real):
 
 def test_centroids_track_the_ground_truth():
     analyser = ToyVideoAnalyser()
-    for prompt, seed in [("a magenta square moving down on a dark background", 4),
-                         ("a cyan triangle moving left and a green circle moving right on a light background", 5)]:
+    for prompt, seed in [
+        ("a magenta square moving down on a dark background", 4),
+        ("a cyan triangle moving left and a green circle moving right on a light background", 5),
+    ]:
         video, truth = render(prompt, seed)
         res = analyser.analyse(video, prompt)
         err = res["centroids"] - truth.centres
@@ -90,8 +92,11 @@ def _with(prompts, field):
     for p in prompts:
         o = parse_prompt(p).objects[0]
         vals = {"colour": o.colour, "shape": o.shape, "direction": o.direction}
-        pool = {"colour": ("red", "green", "blue", "yellow", "magenta", "cyan"),
-                "shape": ("circle", "square", "triangle"), "direction": ("left", "up", "right", "down")}[field]
+        pool = {
+            "colour": ("red", "green", "blue", "yellow", "magenta", "cyan"),
+            "shape": ("circle", "square", "triangle"),
+            "direction": ("left", "up", "right", "down"),
+        }[field]
         vals[field] = _other(pool, vals[field], 2 if field == "direction" else 1)  # direction: the opposite
         out.append(prompt_for(SceneAttributes.single(**vals, background=parse_prompt(p).background)))
     return out
@@ -138,10 +143,11 @@ def test_brightness_drift_is_caught_by_the_drift_metric(real):
     r = scores(videos + ramp, prompts)
     assert r["brightness_drift"] > 0.1
     assert r["brightness_error_curve"][-1] > r["brightness_error_curve"][0] + 0.1
-    # Over-saturation: push every pixel away from its grey level, more and more.
+    # Over-saturation: push every pixel away from its grey level, more and more (only the objects have chroma
+    # here, so the frame-mean change is small, but real videos drift by < 0.001).
     grey = videos.mean(dim=2, keepdim=True)
     r = scores(grey + (videos - grey) * (1 + ramp), prompts)
-    assert r["saturation_drift"] > 0.02
+    assert r["saturation_drift"] > 0.008
 
 
 def test_noise_is_caught_by_background_fidelity_and_persistence(real):

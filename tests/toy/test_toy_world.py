@@ -39,7 +39,8 @@ def test_prompt_round_trip():
     for attrs in scenes:
         assert parse_prompt(prompt_for(attrs)) == attrs
     assert parse_prompt("A Red Circle moving LEFT on a dark background") == SceneAttributes.single(
-        "red", "circle", "left", "dark")
+        "red", "circle", "left", "dark"
+    )
     assert len(parse_prompt(TWO).objects) == 2
 
 

@@ -96,6 +96,7 @@ class TwoNetworkModule(pl.LightningModule):
         self.critic_steps = 0
         self.ema = ShardedEMA(decay=ema_decay, start_step=ema_start)
         self.history: list[tuple[float, float]] = []
+        self.grad_norms: list[tuple[str, float]] = []
         self._micro: list[tuple[float, float]] = []
 
     def net(self, name: str) -> nn.Module:
@@ -120,6 +121,16 @@ class TwoNetworkModule(pl.LightningModule):
             x = x.to(torch.bfloat16)  # DeepSpeed bf16 engines hold bf16 weights and do not cast inputs
         return x
 
+    def _clip(self, name: str, optimizer) -> None:
+        # The strategies' per-network hook (as sfvideo.training.module uses it) where there is one, else the
+        # module-level helper (Lightning's clip_gradients).
+        hook = getattr(self.trainer.strategy, "clip_network_gradients", None)
+        if hook is None:
+            clip_gradients(self, optimizer, self.max_norm)
+            return
+        norm = hook(self, name, optimizer, self.max_norm)
+        self.grad_norms.append((name, float(norm)))
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         # Windows of ``accumulate`` micro-batches alternate between the generator (even windows) and the critic
         # (odd windows): within a window only one network changes, so k micro-batches of b equal one batch of k·b.
@@ -140,7 +151,7 @@ class TwoNetworkModule(pl.LightningModule):
             loss = 0.5 * ((y - (y - direction).detach()) ** 2).mean()
             self.manual_backward(loss / k)
             if boundary:
-                clip_gradients(self, opt_g, self.max_norm)
+                self._clip("generator", opt_g)
                 opt_g.step()
                 opt_g.zero_grad()
                 self.generator_steps += 1
@@ -152,7 +163,7 @@ class TwoNetworkModule(pl.LightningModule):
             loss = ((critic(y) - x) ** 2).mean()
             self.manual_backward(loss / k)
             if boundary:
-                clip_gradients(self, opt_c, self.max_norm)
+                self._clip("critic", opt_c)
                 opt_c.step()
                 opt_c.zero_grad()
                 self.critic_steps += 1
@@ -195,6 +206,7 @@ class TwoNetworkModule(pl.LightningModule):
             "generator_steps": self.generator_steps,
             "critic_steps": self.critic_steps,
             "history": list(self.history),
+            "grad_norms": list(self.grad_norms),
             "networks": {n: type(self.net(n)).__name__ for n in ("generator", "critic", "teacher")},
             "num_optimizers": len(optimizers),
             "params": {n: gather_full_state_dict(getattr(self, n), rank0_only=False) for n in self._all_nets()},

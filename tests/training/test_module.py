@@ -31,7 +31,7 @@ def test_fit_writes_tensorboard_events_and_checkpoint(tmp_path):
     # debug.yaml: 2 generator updates, 2 critic updates per generator update -> 4 critic updates.
     assert ckpt["sfvideo"]["generator_steps"] == 2
     assert ckpt["sfvideo"]["critic_steps"] == 4
-    assert ckpt["sfvideo"]["ema"] is not None
+    assert ckpt["rank_local"]["generator_ema"]["num_updates"] == 2
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")], "frozen teacher must not be saved"
     assert any(k.startswith("generator.") for k in ckpt["state_dict"])
     assert any(k.startswith("critic.") for k in ckpt["state_dict"])
@@ -54,8 +54,9 @@ def test_resume_continues_counters_optimizer_and_data_and_matches_uninterrupted(
     # uninterrupted run.
     for key, value in reference["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-    for key, value in reference["sfvideo"]["ema"].items():
-        torch.testing.assert_close(resumed["sfvideo"]["ema"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in reference["rank_local"]["generator_ema"]["shadow"].items():
+        got = resumed["rank_local"]["generator_ema"]["shadow"][key]
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_bad_flag_value_is_a_clear_error(tmp_path):
@@ -135,8 +136,9 @@ def test_export_generator_and_ema_as_diffusers_folder(tmp_path):
     for name, p in plain.named_parameters():
         torch.testing.assert_close(p, state["state_dict"]["generator." + name], rtol=0, atol=0)
     ema_params = dict(ema.named_parameters())
-    for name, value in state["sfvideo"]["ema"].items():
+    shadow = state["rank_local"]["generator_ema"]["shadow"]
+    for name, value in shadow.items():
         torch.testing.assert_close(ema_params[name], value, rtol=0, atol=0)
-    assert any((dict(plain.named_parameters())[k] != v).any() for k, v in state["sfvideo"]["ema"].items())
+    assert any((dict(plain.named_parameters())[k] != v).any() for k, v in shadow.items())
     with pytest.raises(ValueError, match="critic|network"):
         export_checkpoint(ckpt, tmp_path / "x", network="teacher")

@@ -193,6 +193,18 @@ def test_fsdp2_shards_per_block_and_matches_reference(distributed_runs, referenc
     assert all(len(r["moments"][i]["steps"]) == 8 for r in results for i in range(2))
 
 
+@pytest.mark.distributed
+def test_clip_network_gradients_hooks_report_norms(distributed_runs):
+    """The resumed half (steps 5-8) of each run logs one norm per update: FSDP2 the current one, DeepSpeed the
+    previous one (NaN right after the resume); the critic's exceed max_norm=0.5, so clipping was exercised by the
+    equivalence tests above."""
+    fsdp2 = [n for _, n in distributed_runs[0]["fsdp2"][0]["grad_norms"]]
+    zero2 = [n for _, n in distributed_runs[0]["zero2"][0]["grad_norms"]]
+    assert len(fsdp2) == len(zero2) == 4 and max(fsdp2[1::2]) > 0.5
+    assert all(n != n for n in zero2[:2])  # NaN: no step of the fresh engines yet
+    torch.testing.assert_close(torch.tensor(zero2[2:]), torch.tensor(fsdp2[:2]), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # in-process tests
 # ---------------------------------------------------------------------------------------------------------------

@@ -163,7 +163,9 @@ def _fill_reference(config: ToyWorldConfig) -> tuple[float, ...]:
     bg, colour = torch.tensor(BACKGROUNDS["dark"]), torch.tensor(COLOURS["red"])
     refs = []
     for shape in SHAPES:
-        truth = FrameTruth(centres, torch.zeros_like(centres), colour.view(1, 3), float(config.object_size), bg, (shape,))
+        truth = FrameTruth(
+            centres, torch.zeros_like(centres), colour.view(1, 3), float(config.object_size), bg, (shape,)
+        )
         diff = render_truth(truth, config) - bg.view(1, 3, 1, 1)
         t = diff.shape[0]
         _, a, w, h = _soft_extent(diff, (colour - bg).expand(t, 3), torch.ones(t, *diff.shape[-2:], dtype=torch.bool))

@@ -83,9 +83,13 @@ class ToyTextEncoder(nn.Module):
             elif self.unknown == "unk":
                 ids.append(self.unk_id)
             else:
-                raise ValueError(f"ToyTextEncoder: unknown word {w!r} in prompt {prompt!r}; vocabulary: {sorted(self.vocab)}")
+                raise ValueError(
+                    f"ToyTextEncoder: unknown word {w!r} in prompt {prompt!r}; vocabulary: {sorted(self.vocab)}"
+                )
         if len(ids) > self.text_len:
-            raise ValueError(f"ToyTextEncoder: prompt {prompt!r} has {len(ids)} words, more than text_len={self.text_len}")
+            raise ValueError(
+                f"ToyTextEncoder: prompt {prompt!r} has {len(ids)} words, more than text_len={self.text_len}"
+            )
         return ids
 
     @torch.no_grad()
@@ -151,9 +155,7 @@ class ToyCodec(nn.Module):
         elif v.numel() == 3:
             v = v.repeat_interleave(s2)  # unshuffle keeps colour-major channel order: c s² + i s + j
         elif v.numel() != self.latent_channels:
-            raise ValueError(
-                f"ToyCodec.{name}: need 1, 3 or {self.latent_channels} values, got {v.numel()}"
-            )
+            raise ValueError(f"ToyCodec.{name}: need 1, 3 or {self.latent_channels} values, got {v.numel()}")
         return v.clone().view(1, 1, -1, 1, 1)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:

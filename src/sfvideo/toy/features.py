@@ -4,8 +4,9 @@ Standard FVD uses I3D trained on Kinetics, whose weights cannot be fetched here 
 32x32 synthetic clips. As in MoCoGAN's motion-control score or the text-to-motion evaluators, the feature network
 is instead trained on the domain itself: ``ToyFeatureEncoder`` maps ``(B, T, 3, H, W)`` videos in [-1, 1] to
 ``(B, D)`` features (mean-pooled last conv layer) and is trained on real world videos to predict every generative
-factor: a multi-hot of colours, shapes, directions of motion and background present (binary cross-entropy), and for
-one-object clips the speed (regression), so the features carry appearance and motion.
+factor: a multi-hot of the colours, shapes, directions of motion and background present (binary cross-entropy),
+on random 8-frame windows whose direction labels follow the bounces, so the features carry appearance and motion.
+(A speed-regression head was tried and dropped: it stalled the classification loss at its prior.)
 
 Never call these numbers FVD: they are "FD-syn" / "KD-syn", meaningful only as ratios to the real-vs-real value
 of the same encoder (``distance_report``). KID (unbiased MMD² with the polynomial kernel ``(x·y/D + 1)³``) is the
@@ -39,7 +40,6 @@ from sfvideo.toy.world import (
     COLOURS,
     DIRECTIONS,
     SHAPES,
-    SceneAttributes,
     ToyWorldConfig,
     parse_prompt,
     render,
@@ -54,7 +54,6 @@ _FACTORS: tuple[str, ...] = (
     + tuple(f"background:{b}" for b in BACKGROUNDS)
 )
 """Multi-hot classification targets, in head order."""
-_NUM_REGRESSION = 1  # speed of one-object clips, as a fraction of the speed range
 
 
 def _groups(channels: int) -> int:
@@ -62,7 +61,7 @@ def _groups(channels: int) -> int:
 
 
 class ToyFeatureEncoder(nn.Module):
-    """Patchify, 3-D convolutions (each with GroupNorm and GELU), mean and max pool: videos ``(B, T, 3, H, W)`` -> features ``(B, 2 widths[-1])``.
+    """Patchify, 3-D convolutions (GroupNorm, GELU), mean and max pool: ``(B, T, 3, H, W)`` -> ``(B, 2 widths[-1])``.
 
     The first layer embeds non-overlapping ``patch`` x ``patch`` pixel patches per frame (cheap on CPU); the 3x3x3
     convolutions then mix space and time (the second one strided by 2). Max pooling keeps the small object's
@@ -96,14 +95,16 @@ class ToyFeatureEncoder(nn.Module):
             ]
         self.body = nn.Sequential(*layers)
         self.num_features = 2 * widths[-1]
-        self.head = nn.Linear(self.num_features, len(_FACTORS) + _NUM_REGRESSION)
+        self.head = nn.Linear(self.num_features, len(_FACTORS))
 
     def features(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, T, 3, H, W)`` in [-1, 1] -> ``(B, D)`` float32."""
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"ToyFeatureEncoder: video must be (B, T, 3, H, W), got {tuple(video.shape)}")
         if video.shape[-1] % self.patch or video.shape[-2] % self.patch:
-            raise ValueError(f"ToyFeatureEncoder: frame size {tuple(video.shape[-2:])} not divisible by patch={self.patch}")
+            raise ValueError(
+                f"ToyFeatureEncoder: frame size {tuple(video.shape[-2:])} not divisible by patch={self.patch}"
+            )
         x = video.to(self.head.weight.dtype)
         # Parameter-free background removal: the per-frame median colour is the background (it covers most of
         # the frame), so x - median leaves the objects on zero and gives them a strong signal from the start.
@@ -133,10 +134,6 @@ class FeatureDataset:
     """``(n, colours + shapes + backgrounds)`` multi-hot of the attributes present."""
     direction: torch.Tensor
     """``(n, T, directions)`` multi-hot of the directions of motion at each frame (bounces included)."""
-    speed: torch.Tensor
-    """``(n,)`` speed as a fraction of the world's speed range (one-object clips; 0 otherwise)."""
-    single: torch.Tensor
-    """``(n,)`` bool, one-object clip."""
 
     def targets(self, idx: torch.Tensor, start: int) -> torch.Tensor:
         """Multi-hot in ``_FACTORS`` order for clips ``idx`` cropped from frame ``start``."""
@@ -154,8 +151,7 @@ def make_dataset(
     prompts = sample_prompts(n, g, split="all", two_object_fraction=two_object_fraction)
     seeds = torch.randint(2**31 - 1, (n,), generator=g).tolist()
     colours, shapes, backgrounds = list(COLOURS), list(SHAPES), list(BACKGROUNDS)
-    vids, static, direction, speed, single = [], [], [], [], []
-    lo, hi = config.speed_range
+    vids, static, direction = [], [], []
     for p, s in zip(prompts, seeds, strict=True):
         attrs = parse_prompt(p)
         video, truth = render(attrs, s, config)
@@ -167,12 +163,7 @@ def make_dataset(
         vids.append(video)
         static.append(st)
         direction.append(_direction_hot(truth.velocities))
-        one = len(attrs.objects) == 1
-        single.append(one)
-        speed.append((float(truth.velocities[0, 0].abs().sum()) - lo) / max(hi - lo, 1e-6) if one else 0.0)
-    return FeatureDataset(
-        torch.stack(vids), torch.stack(static), torch.stack(direction), torch.tensor(speed), torch.tensor(single)
-    )
+    return FeatureDataset(torch.stack(vids), torch.stack(static), torch.stack(direction))
 
 
 def train_feature_encoder(
@@ -180,7 +171,7 @@ def train_feature_encoder(
     steps: int = 300,
     seed: int = 0,
     batch_size: int = 32,
-    num_videos: int = 512,
+    num_videos: int = 384,
     crop_frames: int = 8,
     widths: tuple[int, ...] = (16, 16, 32),
     lr: float = 3e-3,
@@ -224,18 +215,14 @@ def train_feature_encoder(
     for step in range(steps):
         idx = torch.randint(num_videos, (batch_size,), generator=g)
         start = int(torch.randint(t_len - crop + 1, (), generator=g))
-        out = model.head(model.features(data.videos[idx, start : start + crop]))
-        cls, pred = out[:, : len(_FACTORS)], out[:, len(_FACTORS)]
-        loss_cls = F.binary_cross_entropy_with_logits(cls, data.targets(idx, start))
-        m = data.single[idx].float()
-        loss_reg = ((pred - data.speed[idx]) ** 2 * m).sum() / m.sum().clamp_min(1)
-        loss = loss_cls + loss_reg
+        logits = model.head(model.features(data.videos[idx, start : start + crop]))
+        loss = F.binary_cross_entropy_with_logits(logits, data.targets(idx, start))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if log is not None and (step % 50 == 0 or step == steps - 1):
-            log(f"step {step}: classification {loss_cls.item():.4f} speed {loss_reg.item():.4f}")
+            log(f"step {step}: binary cross-entropy {loss.item():.4f}")
     model.eval().requires_grad_(False)
     return model
 
@@ -243,13 +230,17 @@ def train_feature_encoder(
 @torch.no_grad()
 def factor_accuracy(model: ToyFeatureEncoder, data: FeatureDataset) -> torch.Tensor:
     """Per-factor accuracy ``(len(_FACTORS),)`` of the multi-hot predictions (logit > 0) on whole clips."""
-    logits = model.head(model.features(data.videos))[:, : len(_FACTORS)]
+    logits = model.head(model.features(data.videos))
     return ((logits > 0).float() == data.targets(torch.arange(len(data.videos)), 0)).float().mean(0)
 
 
 def save_feature_encoder(model: ToyFeatureEncoder, path: str | Path, metadata: dict | None = None) -> None:
     """Write the weights as safetensors; ``widths`` and ``metadata`` go in the header."""
-    meta = {"widths": json.dumps(list(model.widths)), "patch": str(model.patch), **{k: str(v) for k, v in (metadata or {}).items()}}
+    meta = {
+        "widths": json.dumps(list(model.widths)),
+        "patch": str(model.patch),
+        **{k: str(v) for k, v in (metadata or {}).items()},
+    }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
 
@@ -267,7 +258,9 @@ def load_feature_encoder(path: str | Path | None = None, device: torch.device | 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "widths" not in meta:
-        raise ValueError(f"toy feature checkpoint {path} has no 'widths' metadata (not written by save_feature_encoder)")
+        raise ValueError(
+            f"toy feature checkpoint {path} has no 'widths' metadata (not written by save_feature_encoder)"
+        )
     model = ToyFeatureEncoder(tuple(json.loads(meta["widths"])), int(meta.get("patch", 4)))
     model.load_state_dict(load_file(str(path), device=str(device)))
     return model.to(device).eval().requires_grad_(False)
@@ -285,7 +278,9 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> torch.Tens
     """
     a, b = feats_a.double(), feats_b.double()
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"frechet_distance: need (N, D) and (M, D) with N, M >= 2, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"frechet_distance: need (N, D) and (M, D) with N, M >= 2, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
     ev, vec = torch.linalg.eigh(s_a)
@@ -301,7 +296,9 @@ def kernel_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, degree: int = 
     """
     a, b = feats_a.double(), feats_b.double()
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"kernel_distance: need (N, D) and (M, D) with N, M >= 2, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"kernel_distance: need (N, D) and (M, D) with N, M >= 2, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     d = a.shape[1]
     n, m = len(a), len(b)
     k_aa = (a @ a.T / d + coef) ** degree

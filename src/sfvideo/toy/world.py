@@ -67,9 +67,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 """Unit velocity (dx, dy) per direction word; y points down the image."""
 FUNCTION_WORDS: tuple[str, ...] = ("a", "moving", "and", "on", "background")
-VOCABULARY: tuple[str, ...] = (
-    FUNCTION_WORDS + tuple(COLOURS) + SHAPES + tuple(DIRECTIONS) + tuple(BACKGROUNDS)
-)
+VOCABULARY: tuple[str, ...] = FUNCTION_WORDS + tuple(COLOURS) + SHAPES + tuple(DIRECTIONS) + tuple(BACKGROUNDS)
 """Every word a prompt may contain, in a fixed order (the text encoder's token ids follow it)."""
 
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
@@ -250,13 +248,7 @@ def all_combinations(num_objects: int = 1) -> list[SceneAttributes]:
         return [SceneAttributes((o,), bg) for o in _single_objects("all") for bg in BACKGROUNDS]
     if num_objects == 2:
         objs = _single_objects("all")
-        return [
-            SceneAttributes((a, b), bg)
-            for a in objs
-            for b in objs
-            if a.colour != b.colour
-            for bg in BACKGROUNDS
-        ]
+        return [SceneAttributes((a, b), bg) for a in objs for b in objs if a.colour != b.colour for bg in BACKGROUNDS]
     raise ValueError(f"num_objects must be 1 or {MAX_OBJECTS}, got {num_objects}")
 
 

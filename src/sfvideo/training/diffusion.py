@@ -24,6 +24,7 @@ from sfvideo.diffusion.schedule import FlowMatchSchedule, add_noise, flow_target
 from sfvideo.geometry import VideoGeometry
 from sfvideo.nn.interfaces import TextEncoder
 from sfvideo.training.networks import build_transformer, network_configs
+from sfvideo.training.strategies import RANK_LOCAL_KEY, ShardedEMA
 
 
 class FlowMatchingDiffusion(L.LightningModule):
@@ -67,7 +68,7 @@ class FlowMatchingDiffusion(L.LightningModule):
         self.schedule = FlowMatchSchedule(shift=shift)
         self.optimizer_factory = optimizer
         object.__setattr__(self, "_text_encoder", text_encoder)
-        self.ema: dict[str, torch.Tensor] | None = None
+        self.ema = ShardedEMA(decay=ema_decay) if ema_decay > 0 else None
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -120,30 +121,27 @@ class FlowMatchingDiffusion(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, batch_size=x0.shape[0])
         return loss
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "count_consumed_batch"):
+            dm.count_consumed_batch()
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        decay = self.hparams.ema_decay
-        if decay <= 0:
-            return
-        with torch.no_grad():
-            params = dict(self.model.named_parameters())
-            if self.ema is None:
-                self.ema = {k: p.detach().clone() for k, p in params.items()}
-            else:
-                for k, p in params.items():
-                    self.ema[k].lerp_(p.detach(), 1.0 - decay)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sfvideo"] = {
-            "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.items()},
-            "configs": network_configs(self, ("model",)),
-        }
+        checkpoint["sfvideo"] = {"configs": network_configs(self, ("model",))}
+        if self.ema is not None:
+            checkpoint.setdefault(RANK_LOCAL_KEY, {})["model_ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        ema = checkpoint.get("sfvideo", {}).get("ema")
-        self.ema = None if ema is None else {k: v.to(self.device) for k, v in ema.items()}
+        ema = (checkpoint.get(RANK_LOCAL_KEY) or {}).get("model_ema")
+        if ema is not None and self.ema is not None:
+            self.ema.load_state_dict(ema)
 
     def export_weights(self, use_ema: bool = True) -> torch.nn.Module:
         """The trained network (EMA weights when available and asked for)."""
-        if use_ema and self.ema is not None:
-            self.model.load_state_dict(self.ema, strict=False)
+        if use_ema and self.ema is not None and self.ema.initialized:
+            self.model.load_state_dict(self.ema.full_state_dict(self.model), strict=False)
         return self.model

@@ -35,6 +35,7 @@ from sfvideo.losses.dmd import dmd_loss
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
 from sfvideo.training.networks import build_transformer, freeze, network_configs
 from sfvideo.training.seeding import mix_seed
+from sfvideo.training.strategies import RANK_LOCAL_KEY, ShardedEMA, network
 from sfvideo.training.optim import CriticAdamW, GeneratorAdamW
 
 WAN_NEGATIVE_PROMPT = ""
@@ -138,7 +139,7 @@ class SelfForcingDMD(L.LightningModule):
         object.__setattr__(self, "_codec", codec)
         self.generator_steps = 0
         self.critic_steps = 0
-        self.ema: dict[str, torch.Tensor] | None = None
+        self.ema = ShardedEMA(decay=ema_decay, start_step=ema_start_step) if ema_decay > 0 else None
         self._uncond_cache: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -197,12 +198,8 @@ class SelfForcingDMD(L.LightningModule):
         ]
 
     def net(self, name: str) -> nn.Module:
-        """The network to run forward through: the strategy's engine for it, or the plain module."""
-        trainer = self._trainer
-        engine_for = getattr(trainer.strategy, "engine_for", None) if trainer is not None else None
-        if engine_for is not None and name in self.engine_modules:
-            return engine_for(name)
-        return getattr(self, name)
+        """The network to run forward through: the strategy's engine for it (DeepSpeed), or the plain module."""
+        return network(self, name)
 
     def denoiser(self, name: str) -> Denoiser:
         return Denoiser(self.net(name), num_train_timesteps=self.schedule.num_train_timesteps)
@@ -290,7 +287,7 @@ class SelfForcingDMD(L.LightningModule):
         sigma, noise = self.dmd_sigma_and_noise(x, role=0, micro=micro)
         return dmd_loss(
             x,
-            teacher=Denoiser(self.teacher, num_train_timesteps=self.schedule.num_train_timesteps),
+            teacher=self.denoiser("teacher"),
             critic=self.denoiser("critic"),
             cond=cond,
             uncond=uncond,
@@ -335,7 +332,10 @@ class SelfForcingDMD(L.LightningModule):
         return logs
 
     def clip_network_gradients(self, name: str, optimizer: Any, max_norm: float) -> torch.Tensor:
-        """Clip one network's gradients; strategies that clip inside their engine report their own norm."""
+        """Clip one network's gradients as the strategy requires; returns the total norm (for the logs).
+
+        DeepSpeed clips inside ``engine.step()`` and reports the previous step's norm (NaN before the first).
+        """
         clip = getattr(self.trainer.strategy, "clip_network_gradients", None)
         if clip is not None:
             return clip(self, name, optimizer, max_norm)
@@ -377,21 +377,11 @@ class SelfForcingDMD(L.LightningModule):
             if self.critic_steps % self.hparams.critic_updates_per_generator_update == 0:
                 self.trainer.should_stop = True
 
-    # ------------------------------------------------------------------ EMA
-    @torch.no_grad()
+    # ------------------------------------------------------------------ EMA and checkpoints
     def update_ema(self) -> None:
-        h = self.hparams
-        if h.ema_decay <= 0 or self.generator_steps < h.ema_start_step:
-            return
-        params = dict(self.generator.named_parameters())
-        if self.ema is None:
-            # Under ZeRO-1/2 and single-device runs parameters are replicated: the EMA is a same-device copy.
-            self.ema = {k: p.detach().clone() for k, p in params.items()}
-            return
-        for k, p in params.items():
-            self.ema[k].lerp_(p.detach(), 1.0 - h.ema_decay)
+        if self.ema is not None:
+            self.ema.update(self.generator, step=self.generator_steps)
 
-    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("teacher.")]:
@@ -399,20 +389,19 @@ class SelfForcingDMD(L.LightningModule):
         checkpoint["sfvideo"] = {
             "generator_steps": self.generator_steps,
             "critic_steps": self.critic_steps,
-            "ema": None if self.ema is None else {k: v.detach().cpu() for k, v in self.ema.items()},
             "configs": network_configs(self, ("generator", "critic")),
         }
+        if self.ema is not None:
+            # Per-rank state: each rank's EMA shard (ZeRO-3/FSDP2), written once when replicated.
+            checkpoint.setdefault(RANK_LOCAL_KEY, {})["generator_ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("sfvideo", {})
         self.generator_steps = int(state.get("generator_steps", 0))
         self.critic_steps = int(state.get("critic_steps", 0))
-        ema = state.get("ema")
-        self.ema = None if ema is None else {k: v.to(self.device) for k, v in ema.items()}
-
-    def on_fit_start(self) -> None:
-        if self.ema is not None:
-            self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
+        ema = (checkpoint.get(RANK_LOCAL_KEY) or {}).get("generator_ema")
+        if ema is not None and self.ema is not None:
+            self.ema.load_state_dict(ema)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -426,9 +415,9 @@ class SelfForcingDMD(L.LightningModule):
         cond, _ = self.encode(prompts)
         g = torch.Generator(device=self.device).manual_seed(seed)
         model = self.generator
-        if use_ema and self.ema is not None:
+        if use_ema and self.ema is not None and self.ema.initialized:
             model = copy.deepcopy(self.generator)
-            model.load_state_dict(self.ema, strict=False)
+            model.load_state_dict(self.ema.full_state_dict(self.generator), strict=False)
         dtype = next(model.parameters()).dtype
         noise = torch.randn(geo.latent_shape(len(prompts), frames), generator=g, device=self.device, dtype=dtype)
         cache = model.new_kv_cache(len(prompts), geo.tokens_per_frame, frames, dtype=dtype, device=self.device)

@@ -119,12 +119,7 @@ def clip_gradients(module: pl.LightningModule, optimizer: Optimizer | LightningO
     """
     strategy = module.trainer.strategy
     if isinstance(strategy, MultiEngineDeepSpeedStrategy):
-        configured = float(strategy.config.get("gradient_clipping", 0.0))
-        if abs(configured - max(max_norm, 0.0)) > 1e-12:
-            raise ValueError(
-                f"clip_gradients: max_norm={max_norm} differs from MultiEngineDeepSpeedStrategy(gradient_clipping="
-                f"{configured}); DeepSpeed clips inside engine.step(), set the strategy's gradient_clipping to match"
-            )
+        strategy._check_clipping(max_norm)
         return
     if max_norm > 0:
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
@@ -617,6 +612,26 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
         engine = self._engines.get(name) or self._frozen_engines.get(name)
         return engine if engine is not None else getattr(self.lightning_module, name)
 
+    def engine_for(self, name: str) -> nn.Module:
+        """Alias of :meth:`network` (the hook name ``sfvideo.training.module`` looks up)."""
+        return self.network(name)
+
+    def _check_clipping(self, max_norm: float) -> None:
+        configured = float(self.config.get("gradient_clipping", 0.0))
+        if abs(configured - max(max_norm, 0.0)) > 1e-12:
+            raise ValueError(
+                f"max_norm={max_norm} differs from MultiEngineDeepSpeedStrategy(gradient_clipping={configured}); "
+                "DeepSpeed clips inside engine.step(), set the strategy's gradient_clipping to match"
+            )
+
+    def clip_network_gradients(self, module: pl.LightningModule, name: str, optimizer: Any, max_norm: float) -> Tensor:
+        """Check ``max_norm`` against ``gradient_clipping`` (the engine clips in ``step()``) and return the total
+        gradient norm DeepSpeed measured at this network's *previous* step (NaN before the first): the norm of the
+        current gradients is only computed inside ``engine.step()``, from the partitioned buffers."""
+        self._check_clipping(max_norm)
+        norm = self._engines[name].get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
     @property
     def engines(self) -> dict[str, deepspeed.DeepSpeedEngine]:
         """Trainable engines by network name (the frozen ones are in ``frozen_engines``)."""
@@ -840,6 +855,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def clip_network_gradients(self, module: pl.LightningModule, name: str, optimizer: Any, max_norm: float) -> Tensor:
+        """Clip network ``name``'s sharded gradients to total norm ``max_norm``; returns the (full) norm."""
+        params = [p for p in getattr(module, name).parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # the norm of a sharded gradient set is itself a (replicated) DTensor
+        return norm.detach()
 
     def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options: Any | None = None) -> None:
         rank_local = checkpoint.pop(RANK_LOCAL_KEY, None)

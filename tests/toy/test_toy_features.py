@@ -1,0 +1,100 @@
+"""FD-syn / KD-syn: distances against closed forms, the shipped encoder, and real-vs-real vs real-vs-corrupted."""
+
+import pytest
+import torch
+
+from sfvideo.toy.features import (
+    DEFAULT_CHECKPOINT,
+    ToyFeatureDistance,
+    ToyFeatureEncoder,
+    bootstrap_ci,
+    distance_report,
+    frechet_distance,
+    kernel_distance,
+    load_feature_encoder,
+    save_feature_encoder,
+    train_feature_encoder,
+)
+from sfvideo.toy.world import ToyWorldConfig, render_batch, sample_prompts
+
+
+def test_frechet_distance_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 5, generator=g) @ torch.randn(5, 5, generator=g)
+    shift = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    torch.testing.assert_close(frechet_distance(a, a), torch.tensor(0.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(frechet_distance(a, a + shift), shift.pow(2).sum(), atol=1e-3, rtol=1e-4)
+    # b = 2a + c: S_b = 4 S_a, so FD = |mu_a - mu_b|² + tr S_a + 4 tr S_a - 2 tr(2 S_a) = |mu_a - mu_b|² + tr S_a.
+    b = 2 * a + shift
+    expected = (a.mean(0) - b.mean(0)).pow(2).sum() + torch.cov(a.T).trace()
+    torch.testing.assert_close(frechet_distance(a, b), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_kernel_distance_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(7, 3, generator=g).double(), torch.randn(5, 3, generator=g).double() + 0.5
+
+    def k(x, y):
+        return (x @ y / 3 + 1) ** 3
+
+    kaa = sum(k(a[i], a[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    kbb = sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    kab = sum(k(a[i], b[j]) for i in range(7) for j in range(5)) / 35
+    torch.testing.assert_close(kernel_distance(a, b).double(), (kaa + kbb - 2 * kab).double(), rtol=1e-5, atol=1e-6)
+    big = torch.randn(400, 4, generator=g)
+    assert abs(float(kernel_distance(big[:200], big[200:]))) < 0.05  # unbiased: ~0 for one distribution
+
+
+def test_bootstrap_and_report():
+    g = torch.Generator().manual_seed(2)
+    real_a, real_b = torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g)
+    fake = torch.randn(64, 4, generator=g) + 1.0
+    lo, hi = bootstrap_ci(frechet_distance, fake, real_a, torch.Generator().manual_seed(0), num_samples=50)
+    value = float(frechet_distance(fake, real_a))
+    assert lo <= value <= hi
+    rep = distance_report(fake, real_a, real_b, num_bootstrap=20)
+    assert rep["fd_ratio"] > 5 and rep["fd"] == pytest.approx(value)
+    assert {"fd_low", "fd_high", "kd", "kd_real", "kd_low", "kd_high", "kd_ratio"} <= set(rep)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = ToyFeatureEncoder((8, 8, 8)).eval()
+    path = tmp_path / "enc.safetensors"
+    save_feature_encoder(model, path, {"seed": 3})
+    loaded = load_feature_encoder(path)
+    video = torch.rand(2, 5, 3, 16, 16) * 2 - 1
+    assert torch.equal(model.features(video), loaded.features(video))
+    assert not any(p.requires_grad for p in loaded.parameters())
+    with pytest.raises(FileNotFoundError, match="python -m sfvideo.toy.features"):
+        load_feature_encoder(tmp_path / "missing.safetensors")
+
+
+def test_training_smoke_is_deterministic():
+    cfg = ToyWorldConfig(num_frames=6)
+    a = train_feature_encoder(cfg, steps=2, seed=0, batch_size=4, num_videos=6, crop_frames=4, widths=(4, 4, 4))
+    b = train_feature_encoder(cfg, steps=2, seed=0, batch_size=4, num_videos=6, crop_frames=4, widths=(4, 4, 4))
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), ka
+    assert not a.training
+
+
+@pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="shipped feature checkpoint missing")
+def test_shipped_encoder_separates_real_from_corrupted():
+    enc = load_feature_encoder()
+    n = 48
+    prompts = sample_prompts(n, torch.Generator().manual_seed(0), split="all")
+    real_a = render_batch(prompts, list(range(n)))
+    real_b = render_batch(prompts, list(range(1000, 1000 + n)))
+    g = torch.Generator().manual_seed(0)
+    fa, fb = enc.features(real_a), enc.features(real_b)
+    noisy = enc.features(real_b + 0.2 * torch.randn(real_b.shape, generator=g))
+    frozen = enc.features(real_b[:, :1].expand_as(real_b).contiguous())
+    fd_real = float(frechet_distance(fa, fb))
+    assert float(frechet_distance(noisy, fa)) > 3 * fd_real
+    assert float(frechet_distance(frozen, fa)) > 1.5 * fd_real
+    assert float(kernel_distance(noisy, fa)) > 3 * max(float(kernel_distance(fa, fb)), 1e-6)
+    metric = ToyFeatureDistance(enc)
+    metric.update(real_a, real=True)
+    metric.update(real_b, real=False)
+    out = metric.compute()
+    torch.testing.assert_close(out["fd"], frechet_distance(fb, fa))
