@@ -303,3 +303,19 @@ def test_prediction_writer(tmp_path):
     w.write_prediction(trainer, {**pred, "video": None}, 8)
     assert len(list(folder.glob("*b00008*.pt"))) == 2
     assert len((folder / "prompts.r0.jsonl").read_text().splitlines()) == 4
+
+
+def test_generate_with_wan_vae_codec_frame_count(trained, tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    _, ckpt = trained
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=12, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 12, latents_std=[1.0] * 12)
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "wan.mp4"
+    res = gen([ckpt, "--prompt", PROMPT_A, "-o", out, "--codec", "wan", "--codec_args",
+               f'{{"vae": "{tmp_path / "vae"}"}}'])
+    # Streaming Wan VAE decode: 1 + 4 (F - 1) pixel frames (first chunk 1 + 4 (f - 1), then 4 f), 8x spatial.
+    assert read_mp4(out).shape == (1 + 4 * (GEO.num_frames - 1), 32, 32, 3)
+    assert res["pixel_frames"] == 21

@@ -100,12 +100,12 @@ def run_stream(den, noise, context, cache, f, seed=123, **kw):
 
 
 # ---------------------------------------------------------------------------------------------- tests on the mock
-@pytest.mark.parametrize("f", [1, 2])
-def test_stream_equals_one_shot_rollout_mock(f):
+@pytest.mark.parametrize("f, context_sigma", [(1, 0.0), (2, 0.0), (2, 0.1)])
+def test_stream_equals_one_shot_rollout_mock(f, context_sigma):
     den, noise, ctx, _, cache = mock_setup(6)
     ref = generate_latents(den, noise, ctx, step_sigmas=SIGMAS, frames_per_chunk=f, kv_cache=cache(),
-                           noise_generator=torch.Generator().manual_seed(123))
-    chunks, out = run_stream(den, noise, ctx, cache(), f)
+                           noise_generator=torch.Generator().manual_seed(123), context_sigma=context_sigma)
+    chunks, out = run_stream(den, noise, ctx, cache(), f, context_sigma=context_sigma)
     assert [c.start_frame for c in chunks] == list(range(0, 6, f))
     assert all(c.latents.shape[1] == f for c in chunks)
     assert torch.equal(out, ref)
@@ -202,14 +202,15 @@ def wan_noise(geo, frames, seed=1):
 
 
 @pytest.mark.skipif(not HAVE_WAN, reason="sfvideo.nn.wan not available")
-@pytest.mark.parametrize("f", [1, 3])
-def test_stream_equals_one_shot_rollout_wan(f):
+@pytest.mark.parametrize("f, context_sigma", [(1, 0.0), (3, 0.0), (3, 0.05)])
+def test_stream_equals_one_shot_rollout_wan(f, context_sigma):
     model, den, geo, ctx, _ = wan_setup(train_frames=6, f=f)
     noise = wan_noise(geo, 6)
     ref = generate_latents(den, noise, ctx, step_sigmas=SIGMAS, frames_per_chunk=f,
-                           kv_cache=model.new_kv_cache(1, geo.tokens_per_frame, 6),
+                           kv_cache=model.new_kv_cache(1, geo.tokens_per_frame, 6), context_sigma=context_sigma,
                            noise_generator=torch.Generator().manual_seed(5))
-    chunks, out = run_stream(den, noise, ctx, model.new_kv_cache(1, geo.tokens_per_frame, 6), f, seed=5)
+    chunks, out = run_stream(den, noise, ctx, model.new_kv_cache(1, geo.tokens_per_frame, 6), f, seed=5,
+                             context_sigma=context_sigma)
     assert len(chunks) == 6 // f
     assert torch.equal(out, ref)
 
@@ -293,3 +294,18 @@ def test_streaming_decode_equals_full_decode_wan_vae():
     assert [c.shape[1] for c in chunks] == [1 + 4 * 1, 8, 8]
     full = codec.decode(latents)
     torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_is_yielded_before_its_refresh():
+    # Latency: the first chunk costs S forwards (not S + 1); its refresh runs when the next chunk is requested.
+    den, noise, ctx, _, cache = mock_setup(6)
+    calls = []
+    model = den.model
+    den.model = lambda *a, **k: calls.append(k["start_frame"]) or model(*a, **k)
+    it = stream(den, noise, ctx, step_sigmas=SIGMAS, frames_per_chunk=2, kv_cache=cache())
+    next(it)
+    assert calls == [0, 0, 0, 0]
+    next(it)
+    assert calls == [0] * 5 + [2] * 4
+    list(it)
+    assert calls == [0] * 5 + [2] * 5 + [4] * 4  # no refresh after the final chunk (refresh_last=False)

@@ -504,6 +504,10 @@ def run(args: Any) -> dict[str, Any]:
     stats = StreamStats()
     latents_all: list[torch.Tensor] = []
     frames_sheet: list[torch.Tensor] = []
+    # Contact-sheet frames are picked in advance (8 evenly spaced) so a long stream keeps only those in memory.
+    total_pixel = codec.num_pixel_frames(num_frames) if codec is not None else 0
+    sheet_idx = set(torch.linspace(0, max(total_pixel - 1, 0), 8).round().long().tolist())
+    pixel_done = 0
     interrupted = False
     try:
         writer = Mp4Writer(out, fps=args.fps) if codec is not None else None
@@ -524,9 +528,11 @@ def run(args: Any) -> dict[str, Any]:
                 if frames is not None and frames.shape[1]:
                     n_pix = frames.shape[1]
                     writer.write(frames[0])
-                    frames_sheet.append(frames[0, :: max(1, frames.shape[1] // 2)].float().cpu())
+                    frames_sheet += [frames[0, j].float().cpu() for j in range(n_pix) if pixel_done + j in sheet_idx]
+                    pixel_done += n_pix
                 stats.update(chunk, pixel_frames=n_pix, decode_s=decode_s)
-                latents_all.append(chunk.latents.float().cpu())
+                if args.save_latents:
+                    latents_all.append(chunk.latents.float().cpu())
                 info = f"{stats.fps():.1f} fps" + (" [prompt switch]" if chunk.recached else "")
                 progress.update(task, advance=1, info=info)
     except KeyboardInterrupt:
@@ -542,7 +548,7 @@ def run(args: Any) -> dict[str, Any]:
     sheet = None
     if saved is not None and args.contact_sheet != "none" and frames_sheet:
         sheet = Path(args.contact_sheet) if args.contact_sheet else out.with_suffix(".png")
-        save_contact_sheet(sheet, torch.cat(frames_sheet, 0), columns=8)
+        save_contact_sheet(sheet, torch.stack(frames_sheet, 0), columns=8)
     result = {
         "output": str(saved) if saved else None,
         "contact_sheet": str(sheet) if sheet else None,

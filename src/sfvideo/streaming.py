@@ -1,10 +1,12 @@
 """Streaming generation: chunks yielded as soon as they are denoised, any length, prompt switches mid-stream.
 
 :func:`stream` is an iterator over the few-step KV-cached generation of ``sfvideo.diffusion.rollout``. Each chunk
-is produced by :func:`~sfvideo.diffusion.rollout.generate_latents` on that chunk's slice of the noise at its
-absolute ``start_frame`` (the rollout's own per-chunk loop: steps along the trained list, fresh re-noising between
-steps, clean cache refresh), so there is a single implementation of the denoising maths and, for the same noise
-and noise generator, the concatenated stream equals a single ``generate_latents`` call bit for bit.
+is denoised by :func:`~sfvideo.diffusion.rollout.generate_latents` on that chunk's slice of the noise at its
+absolute ``start_frame`` (the rollout's own loop: steps along the trained list, fresh re-noising between steps),
+with ``refresh_last=False``: the chunk is yielded as soon as its last step is done, and its clean cache refresh
+(:func:`refresh`, the rollout's step 3: same call, same random draws in the same order) runs when the consumer asks
+for the next chunk, so the first chunk arrives one forward earlier. For the same noise and noise generator the
+concatenated stream equals a single ``generate_latents`` call bit for bit.
 
 Length is unbounded by the training window: the KV cache rolls (``window_frames`` recent frames plus
 ``sink_frames`` first frames, keys cached before RoPE; see ``sfvideo.nn.kv_cache``).
@@ -17,7 +19,7 @@ noise level (timestep 0), chunk by chunk in stream order, as the refresh after e
 Without re-caching the old prompt lingers in the cached keys and values; with it the scene stays continuous
 (the latents are kept) while the new prompt takes over.
 
-Timing: every chunk reports its transformer wall time (denoising + refresh, and the re-cache on a switch);
+Timing: every chunk reports its transformer wall time (its steps, the previous chunk's refresh, any re-cache);
 :func:`decode_stream` adds the codec's streaming-decode time. With ``synchronize=True`` the device is synchronised
 around each timed region, so asynchronous CUDA work is charged to the right region.
 """
@@ -55,7 +57,8 @@ class StreamChunk:
     recached: bool
     """A prompt switch (cross reset + self-attention re-cache) happened right before this chunk."""
     transformer_s: float
-    """Transformer wall time of this chunk: denoising steps, cache refresh and re-cache (seconds)."""
+    """Transformer wall time spent producing this chunk: its denoising steps, the deferred cache refresh of the
+    previous chunk and the re-cache on a prompt switch (seconds)."""
     recache_s: float = 0.0
     """Part of ``transformer_s`` spent re-caching after a prompt switch."""
 
@@ -111,6 +114,39 @@ def _replay_groups(frames: Sequence[int], frames_per_chunk: int) -> list[list[in
     return groups
 
 
+def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Gaussian noise like ``x`` drawn on the generator's device (the rollout's convention, so draws match)."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def refresh(
+    denoiser: Denoiser,
+    latents: Tensor,
+    context: Tensor,
+    *,
+    kv_cache: Any,
+    start_frame: int,
+    context_sigma: float = 0.0,
+    noise_generator: torch.Generator | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """The clean-context cache refresh of a chunk (step 3 of ``sfvideo.diffusion.rollout``; same call, same draws).
+
+    Noise the chunk's clean latents ``(B, f, C, H, W)`` to ``context_sigma`` (fresh noise when > 0) and run the
+    generator on them at ``start_frame``, overwriting the chunk's cache slot with clean-context K/V. The output is
+    discarded.
+    """
+    kwargs = {"attention": "block_causal", "frames_per_chunk": latents.shape[1], **(model_kwargs or {})}
+    with torch.no_grad():
+        x = latents.detach()
+        if context_sigma > 0:
+            x = add_noise(x, _randn(x, noise_generator), context_sigma)
+        sigma = torch.full(x.shape[:2], context_sigma, device=x.device, dtype=torch.float32)
+        denoiser(x, sigma, context, kv_cache=kv_cache, start_frame=start_frame, **kwargs)
+
+
 def recache(
     denoiser: Denoiser,
     kv_cache: Any,
@@ -157,17 +193,10 @@ def recache(
     missing = [k for k in frames if k not in history]
     if missing:
         raise RuntimeError(f"recache: no clean latents for held frames {missing[:4]}")
-    kwargs = {"attention": "block_causal", **(model_kwargs or {})}
-    with torch.no_grad():
-        for group in _replay_groups(frames, frames_per_chunk):
-            x = torch.cat([history[k] for k in group], 1)
-            if context_sigma > 0:
-                gen_device = noise_generator.device if noise_generator is not None else x.device
-                eps = torch.randn(x.shape, generator=noise_generator, device=gen_device, dtype=x.dtype).to(x.device)
-                x = add_noise(x, eps, context_sigma)
-            sigma = torch.full(x.shape[:2], context_sigma, device=x.device, dtype=torch.float32)
-            denoiser(x, sigma, context, kv_cache=kv_cache, start_frame=group[0], frames_per_chunk=len(group),
-                     **kwargs)
+    for group in _replay_groups(frames, frames_per_chunk):
+        clean = torch.cat([history[k] for k in group], 1)
+        refresh(denoiser, clean, context, kv_cache=kv_cache, start_frame=group[0], context_sigma=context_sigma,
+                noise_generator=noise_generator, model_kwargs=model_kwargs)
     return frames
 
 
@@ -223,14 +252,21 @@ def stream(
     ctx = schedule[0][1]
     num_chunks = num_frames // f
 
+    pending: tuple[int, Tensor, Tensor] | None = None  # (start, latents, context) of the chunk awaiting refresh
     for i in range(num_chunks):
         start = i * f
         if synchronize:
             _sync(device)
         t0 = time.perf_counter()
+        if pending is not None:
+            # The previous chunk's cache refresh, deferred so that chunk was yielded one forward earlier.
+            refresh(denoiser, pending[1], pending[2], kv_cache=kv_cache, start_frame=pending[0],
+                    context_sigma=context_sigma, noise_generator=noise_generator, model_kwargs=model_kwargs)
+            pending = None
         recached = False
         recache_s = 0.0
         if i > 0 and start in switches:
+            t_switch = time.perf_counter()
             segment = switches[start]
             ctx = schedule[segment][1]
             if recache_on_switch:
@@ -241,7 +277,7 @@ def stream(
             recached = True
             if synchronize:
                 _sync(device)
-            recache_s = time.perf_counter() - t0
+            recache_s = time.perf_counter() - t_switch
         latents = generate_latents(
             denoiser,
             noise[:, start : start + f].to(device),
@@ -252,15 +288,20 @@ def stream(
             context_sigma=context_sigma,
             noise_generator=noise_generator,
             start_frame=start,
-            refresh_last=refresh_last or i < num_chunks - 1,
+            refresh_last=False,
             model_kwargs=model_kwargs,
         )
         if synchronize:
             _sync(device)
         elapsed = time.perf_counter() - t0
         history.add(start, latents, kv_cache)
+        if i < num_chunks - 1 or refresh_last:
+            pending = (start, latents, ctx)
         yield StreamChunk(index=i, start_frame=start, latents=latents, segment=segment, recached=recached,
                           transformer_s=elapsed, recache_s=recache_s)
+    if pending is not None:
+        refresh(denoiser, pending[1], pending[2], kv_cache=kv_cache, start_frame=pending[0],
+                context_sigma=context_sigma, noise_generator=noise_generator, model_kwargs=model_kwargs)
 
 
 @dataclass

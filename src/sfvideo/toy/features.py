@@ -3,8 +3,8 @@
 Standard FVD uses I3D trained on Kinetics, whose weights cannot be fetched here and whose features say little about
 32x32 synthetic clips. As in MoCoGAN's motion-control score or the text-to-motion evaluators, the feature network
 is instead trained on the domain itself: ``ToyFeatureEncoder`` maps ``(B, T, 3, H, W)`` videos in [-1, 1] to
-``(B, D)`` features (mean-pooled last conv layer) and is trained on real world videos to predict every generative
-factor: a multi-hot of the colours, shapes, directions of motion and background present (binary cross-entropy),
+``(B, D)`` features (mean- and max-pooled last conv layer, standardised with real-video statistics) and is
+trained on real world videos to predict every generative factor: a multi-hot of the colours, shapes, directions of motion and background present (binary cross-entropy),
 on random 8-frame windows whose direction labels follow the bounces, so the features carry appearance and motion.
 (A speed-regression head was tried and dropped: it stalled the classification loss at its prior.)
 
@@ -16,7 +16,12 @@ The shipped checkpoint ``src/sfvideo/assets/toy_features.safetensors`` was produ
 
     python -m sfvideo.toy.features --out src/sfvideo/assets/toy_features.safetensors --seed 0 --steps 300
 
-(about a minute on 2 cores). Its safetensors metadata holds the architecture, the world config and the seed.
+(133 s on 2 heavily shared CPU cores; faster on idle ones). Its safetensors metadata holds the architecture, the
+world config, the seed and the factor accuracy on fresh videos.
+
+What it sees: the features are trained for semantics and motion, so FD-syn reacts strongly to wrong content and
+to frozen motion but only weakly to low-level corruptions (pixel noise, global flicker, brightness drift); those are
+the job of the exact metrics in ``sfvideo.metrics.toy`` (background fidelity, flicker, drift curves).
 """
 
 from __future__ import annotations
@@ -96,9 +101,17 @@ class ToyFeatureEncoder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.num_features = 2 * widths[-1]
         self.head = nn.Linear(self.num_features, len(_FACTORS))
+        # Standardisation of the features on real training videos (set by train_feature_encoder): keeps FD in
+        # comparable units and the KID kernel (x.y / D + 1)^3 in its intended range.
+        self.register_buffer("feature_mean", torch.zeros(self.num_features))
+        self.register_buffer("feature_std", torch.ones(self.num_features))
 
     def features(self, video: torch.Tensor) -> torch.Tensor:
-        """``(B, T, 3, H, W)`` in [-1, 1] -> ``(B, D)`` float32."""
+        """``(B, T, 3, H, W)`` in [-1, 1] -> ``(B, D)`` float32 standardised features."""
+        return ((self.raw_features(video) - self.feature_mean) / self.feature_std).float()
+
+    def raw_features(self, video: torch.Tensor) -> torch.Tensor:
+        """Pooled features before standardisation (what the classification head reads)."""
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"ToyFeatureEncoder: video must be (B, T, 3, H, W), got {tuple(video.shape)}")
         if video.shape[-1] % self.patch or video.shape[-2] % self.patch:
@@ -111,7 +124,7 @@ class ToyFeatureEncoder(nn.Module):
         median = x.flatten(3).median(dim=3).values[..., None, None]  # (B, T, 3, 1, 1)
         x = torch.cat([x, x - median], dim=2).permute(0, 2, 1, 3, 4)  # (B, 6, T, H, W) for Conv3d
         h = self.body(x).flatten(2)  # (B, C, T' H' W')
-        return torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1).float()
+        return torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.features(video)
@@ -215,7 +228,7 @@ def train_feature_encoder(
     for step in range(steps):
         idx = torch.randint(num_videos, (batch_size,), generator=g)
         start = int(torch.randint(t_len - crop + 1, (), generator=g))
-        logits = model.head(model.features(data.videos[idx, start : start + crop]))
+        logits = model.head(model.raw_features(data.videos[idx, start : start + crop]))
         loss = F.binary_cross_entropy_with_logits(logits, data.targets(idx, start))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,13 +237,17 @@ def train_feature_encoder(
         if log is not None and (step % 50 == 0 or step == steps - 1):
             log(f"step {step}: binary cross-entropy {loss.item():.4f}")
     model.eval().requires_grad_(False)
+    with torch.no_grad():
+        raw = torch.cat([model.raw_features(v) for v in data.videos.split(64)])  # whole clips
+        model.feature_mean.copy_(raw.mean(0))
+        model.feature_std.copy_(raw.std(0).clamp_min(1e-4))
     return model
 
 
 @torch.no_grad()
 def factor_accuracy(model: ToyFeatureEncoder, data: FeatureDataset) -> torch.Tensor:
     """Per-factor accuracy ``(len(_FACTORS),)`` of the multi-hot predictions (logit > 0) on whole clips."""
-    logits = model.head(model.features(data.videos))
+    logits = model.head(model.raw_features(data.videos))
     return ((logits > 0).float() == data.targets(torch.arange(len(data.videos)), 0)).float().mean(0)
 
 

@@ -1,0 +1,177 @@
+"""``sfvideo demo`` (``make demo``): the whole method on the embedded toy world, on a CPU, in minutes.
+
+1. **Teacher**: the bidirectional toy teacher shipped in ``src/sfvideo/assets/toy_teacher`` (made by
+   ``configs/toy/teacher.yaml``).
+2. **ODE initialisation** (``configs/toy/ode.yaml``): the causal generator starts from the teacher's weights and
+   regresses the teacher's ODE trajectories with the block-causal mask at its few-step noise levels.
+3. **Self Forcing with DMD** (``configs/toy/dmd.yaml``): the generator rolls out whole clips with its KV cache and
+   is trained by distribution matching against the teacher, with a critic.
+4. **Samples and metrics**: mp4s and PNG contact sheets for training and held-out prompts, and the toy world's exact
+   metrics for the teacher (many-step, CFG), the ODE-initialised generator and the Self Forcing generator, side by
+   side (``<out>/metrics.json``).
+
+Every stage is the ordinary CLI (``sfvideo fit --config ...``): the demo only chains them. Runs go to
+``lightning_logs/demo/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(name: str) -> str:
+    for root in (Path.cwd(), REPO):
+        path = root / "configs" / "toy" / name
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError(f"configs/toy/{name} not found (run the demo from the repository root)")
+
+
+def _fit(config: str, save_dir: Path, name: str, *extra: str) -> Path:
+    """Run ``sfvideo fit`` and return the run's last checkpoint."""
+    from sfvideo.cli import main as cli
+
+    cli(["fit", "--config", config, "--trainer.logger.init_args.save_dir", str(save_dir),
+         "--trainer.logger.init_args.name", name, *extra])
+    runs = sorted((save_dir / name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise RuntimeError(f"stage {name}: no checkpoint written under {save_dir / name}")
+    return runs[-1]
+
+
+def _banner(text: str) -> None:
+    from rich.console import Console
+
+    Console().rule(f"[bold]{text}")
+
+
+def _evaluate(out: Path, teacher_dir: Path, ode_dir: Path, sf_dir: Path, *, num_prompts: int, num_eval: int,
+              teacher_steps: int, seed: int) -> dict[str, Any]:
+    from sfvideo.diffusion.schedule import FlowMatchSchedule
+    from sfvideo.evaluation import sample_generator, sample_teacher, score_toy_videos
+    from sfvideo.nn.wan import WanTransformer
+    from sfvideo.toy.encoders import ToyCodec, ToyTextEncoder
+    from sfvideo.toy.features import distance_report, load_feature_encoder
+    from sfvideo.toy.world import heldout_prompts, render_batch, train_prompts
+    from sfvideo.video import save_contact_sheet, write_mp4
+
+    from sfvideo.geometry import VideoGeometry
+
+    geometry = VideoGeometry(num_frames=21, channels=48, height=8, width=8, frames_per_chunk=3)
+    encoder, codec = ToyTextEncoder(dim=32, text_len=16), ToyCodec(spatial_stride=4)
+    step_sigmas = FlowMatchSchedule(shift=5.0).step_sigmas([1000, 750, 500, 250], warp=True)
+    g = torch.Generator().manual_seed(seed)
+    splits = {}
+    for split, pool in (("train", train_prompts()), ("heldout", heldout_prompts())):
+        idx = torch.randint(len(pool), (num_eval,), generator=g).tolist()
+        splits[split] = [pool[i] for i in idx]
+    features = load_feature_encoder()
+    results: dict[str, Any] = {}
+    models = {
+        "teacher (bidirectional, %d steps, CFG 3)" % teacher_steps: ("teacher", teacher_dir),
+        "ODE init (causal, 4 steps)": ("generator", ode_dir),
+        "Self Forcing DMD (causal, 4 steps)": ("generator", sf_dir),
+    }
+    for split, prompts in splits.items():
+        with torch.no_grad():
+            real = features.features(render_batch(prompts, [10_000 + i for i in range(len(prompts))]))
+            real_ref = features.features(render_batch(prompts, [20_000 + i for i in range(len(prompts))]))
+        for label, (kind, folder) in models.items():
+            model = WanTransformer.from_pretrained(str(folder)).eval()
+            t0 = time.perf_counter()
+            if kind == "teacher":
+                latents = sample_teacher(model, encoder, prompts, geometry, steps=teacher_steps, seed=seed)
+            else:
+                latents = sample_generator(model, encoder, prompts, geometry, step_sigmas=step_sigmas, seed=seed)
+            seconds = time.perf_counter() - t0
+            video = codec.decode(latents).clamp(-1, 1)
+            scores = {k: float(v) for k, v in score_toy_videos(video, prompts).items() if torch.as_tensor(v).numel() == 1}
+            with torch.no_grad():
+                dist = distance_report(features.features(video), real, real_ref)
+            scores.update({k: float(v) for k, v in dist.items() if torch.as_tensor(v).numel() == 1})
+            scores["seconds_per_video"] = seconds / len(prompts)
+            results.setdefault(split, {})[label] = scores
+            tag = kind if kind == "teacher" else folder.name
+            sample_dir = out / "samples" / split / tag
+            sample_dir.mkdir(parents=True, exist_ok=True)
+            shown = min(num_prompts, len(prompts))
+            for i, (clip, prompt) in enumerate(zip(video[:shown], prompts[:shown], strict=True)):
+                write_mp4(sample_dir / f"{i:02d}_{prompt.replace(' ', '_')}.mp4", clip)
+            save_contact_sheet(sample_dir / "contact_sheet.png", video[:shown], columns=video.shape[1])
+            (sample_dir / "prompts.txt").write_text("\n".join(prompts[:shown]) + "\n")
+    return results
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = [("colour_acc", "colour↑"), ("shape_acc", "shape↑"), ("direction_acc", "direction↑"),
+            ("motion_acc", "motion↑"), ("persistence", "persist↑"), ("background_fidelity", "bg↑"),
+            ("flicker", "flicker↓"), ("brightness_drift", "drift"), ("fd_ratio", "FD/real↓"),
+            ("seconds_per_video", "s/video")]
+    console = Console()
+    for split, rows in results.items():
+        table = Table(title=f"toy world, {split} prompts")
+        table.add_column("model")
+        for _, title in keys:
+            table.add_column(title, justify="right")
+        for label, scores in rows.items():
+            table.add_row(label, *[f"{scores[k]:.3f}" if k in scores else "–" for k, _ in keys])
+        console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="sfvideo demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="lightning_logs/demo", help="folder for runs, exports, samples and metrics")
+    p.add_argument("--ode_steps", type=int, default=None, help="ODE-initialisation steps (default: the config's)")
+    p.add_argument("--generator_steps", type=int, default=None, help="Self Forcing generator updates (default: the config's)")
+    p.add_argument("--num_prompts", type=int, default=8, help="videos written per split (train / held-out)")
+    p.add_argument("--num_eval", type=int, default=32, help="videos scored per split (metrics and FD)")
+    p.add_argument("--teacher_steps", type=int, default=30, help="Euler steps of the teacher's samples")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from sfvideo.export import export_checkpoint
+    from sfvideo.training.networks import asset_path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = asset_path("toy_teacher")
+    if teacher is None:
+        raise SystemExit("sfvideo demo: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make it with "
+                         "`sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`")
+    start = time.perf_counter()
+
+    _banner("1/3  ODE initialisation of the causal generator")
+    extra = ["--trainer.max_steps", str(args.ode_steps)] if args.ode_steps else []
+    ode_ckpt = _fit(_config("ode.yaml"), out, "ode", *extra)
+    ode_dir = export_checkpoint(ode_ckpt, out / "exports" / "ode_init", overwrite=True)
+
+    _banner("2/3  Self Forcing with DMD")
+    extra = ["--model.init_args.max_generator_steps", str(args.generator_steps)] if args.generator_steps else []
+    sf_ckpt = _fit(_config("dmd.yaml"), out, "self_forcing", "--model.init_args.generator_init", str(ode_dir), *extra)
+    state = torch.load(sf_ckpt, map_location="cpu", weights_only=False)
+    has_ema = bool((state.get("rank_local") or {}).get("generator_ema"))
+    sf_dir = export_checkpoint(sf_ckpt, out / "exports" / "self_forcing", ema=has_ema, overwrite=True)
+
+    _banner("3/3  Samples and metrics")
+    results = _evaluate(out, teacher, ode_dir, sf_dir, num_prompts=args.num_prompts, num_eval=args.num_eval,
+                        teacher_steps=args.teacher_steps, seed=args.seed)
+    _print_table(results)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nsamples: {out / 'samples'}  metrics: {out / 'metrics.json'}  "
+          f"TensorBoard: tensorboard --logdir {out}  ({minutes:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
