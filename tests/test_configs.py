@@ -32,8 +32,16 @@ def test_config_parses(path):
 
 def test_config_with_an_unknown_key_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((Path(__file__).resolve().parents[1] / "configs" / "debug.yaml").read_text().replace(
-        "    teacher: debug", "    teacher: debug\n    tacher_typo: 1"))
+    bad.write_text(
+        (Path(__file__).resolve().parents[1] / "configs" / "debug.yaml")
+        .read_text()
+        .replace("    teacher: debug", "    teacher: debug\n    tacher_typo: 1")
+    )
     with pytest.raises(SystemExit):
-        _ParseOnly(subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False, run=False,
-                   args=["--config", str(bad)])
+        _ParseOnly(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            run=False,
+            args=["--config", str(bad)],
+        )

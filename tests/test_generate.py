@@ -38,7 +38,8 @@ def _module(**kw):
 def _save_ckpt(module, path, ema=None):
     sd = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": sd, "hyper_parameters": dict(module.hparams), "sfvideo": {"ema": ema}}, path)
+    rank_local = {} if ema is None else {"generator_ema": {"shadow": ema, "replicated": True}}
+    torch.save({"state_dict": sd, "hyper_parameters": dict(module.hparams), "rank_local": rank_local}, path)
     return path
 
 

@@ -41,9 +41,5 @@ def test_layer_does_not_import_upper_layers(layer):
 
 
 def test_no_cuda_calls_in_library_code():
-    offenders = [
-        str(f.relative_to(SRC))
-        for f in SRC.rglob("*.py")
-        if ".cuda()" in f.read_text()
-    ]
+    offenders = [str(f.relative_to(SRC)) for f in SRC.rglob("*.py") if ".cuda()" in f.read_text()]
     assert not offenders, offenders

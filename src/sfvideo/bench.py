@@ -105,6 +105,11 @@ GPU = BenchConfig(flavor="1.3B", latent_height=60, latent_width=104, long_latent
 
 
 # ------------------------------------------------------------------ building
+def _weight(model: torch.nn.Module) -> torch.Tensor:
+    """A weight in the activation dtype (the first parameter may be an fp32 island such as scale_shift_table)."""
+    return model.patch_embedding.weight
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
@@ -139,17 +144,22 @@ def diffusers_transformer(model: torch.nn.Module) -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
     cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    p = next(model.parameters())
+    p = _weight(model)
     with torch.device(p.device):
         ref = WanTransformer3DModel(**cfg)
     ref.load_state_dict(model.state_dict(), strict=True)
-    return ref.to(p.device).eval().requires_grad_(False)
+    # Same precision as ours (bf16 on GPU), cast whole as `pipe.to(torch.bfloat16)` users do: diffusers' forward
+    # feeds its time projection in the activation dtype, so partial fp32 islands would not run.
+    ref.to(p.device)
+    for q in ref.parameters():  # ModelMixin.to would keep its fp32 islands
+        q.data = q.data.to(p.dtype)
+    return ref.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def forward_parity(model: torch.nn.Module, ref: torch.nn.Module, geo: VideoGeometry, context: torch.Tensor) -> float:
     """Max |ours - diffusers| of one bidirectional forward on the same input (checks the 1:1 weight mapping)."""
-    p = next(model.parameters())
+    p = _weight(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(geo.latent_shape(1, min(geo.num_frames, 2 * geo.frames_per_chunk)), generator=g)
     x = x.to(device=p.device, dtype=p.dtype)
@@ -164,7 +174,7 @@ def forward_parity(model: torch.nn.Module, ref: torch.nn.Module, geo: VideoGeome
 def run_stream(model, geo: VideoGeometry, context, *, num_frames: int, step_sigmas, codec=None, window=None,
                sink: int = 0, seed: int = 0) -> dict[str, Any]:
     """One sfvideo streaming run; returns :class:`StreamStats` as a dict plus per-chunk times."""
-    p = next(model.parameters())
+    p = _weight(model)
     device, dtype = p.device, p.dtype
     g = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn(geo.latent_shape(1, num_frames), generator=g, device=device, dtype=dtype)
@@ -196,7 +206,7 @@ def run_recompute(model, geo: VideoGeometry, context, *, num_frames: int, step_s
     clean frames (t = 0), then the chunk's few denoising steps; no rolling state is reused."""
     from sfvideo.diffusion.rollout import generate_latents
 
-    p = next(model.parameters())
+    p = _weight(model)
     device, dtype = p.device, p.dtype
     f = geo.frames_per_chunk
     den = Denoiser(model)
@@ -350,7 +360,7 @@ def _warm_up(model, geo: VideoGeometry, context, sigmas, codec) -> None:
 def _backend_name(model, cfg: BenchConfig) -> str:
     from sfvideo.nn.attention import resolve_backend
 
-    p = next(model.parameters())
+    p = _weight(model)
     return resolve_backend(getattr(model, "attention_backend", "auto"), p.device, p.dtype, masked=False)
 
 
@@ -413,16 +423,16 @@ def print_table(results: dict[str, Any]) -> None:
         p = results["per_chunk"]
         console.print(f"per-chunk time over {p['chunks']} rolling chunks: first {p['first_median_s'] * 1e3:.1f} ms, "
                       f"last {p['last_median_s'] * 1e3:.1f} ms, last/first {p['last_first_ratio']:.2f}")
-    g = results.get("gpu")
-    if g:
-        gpu_name = g.get("machine", {}).get("gpu", "")
-        t = Table(title=f"GPU: {gpu_name} Wan2.1-1.3B architecture, bf16, 832x480, 81 frames")
+    if results.get("mode") == "gpu" and sec:
+        gpu_name = results.get("machine", {}).get("gpu", "")
+        geo = results["config"]["geometry"]
+        t = Table(title=f"GPU {gpu_name}: {results['config']['flavor']} architecture, {results['config']['dtype']}, "
+                        f"latent {geo['height']}x{geo['width']}, {geo['num_frames']} latent frames")
         for col in ("", "first chunk (s)", "FPS"):
             t.add_column(col, justify="right")
-        s = g["streaming"]
-        t.add_row("with VAE decode", f"{s['sfvideo']['first_chunk_s']:.3f}", f"{s['sfvideo']['fps']:.2f}")
-        t.add_row("transformer only", f"{s['sfvideo_no_decode']['first_chunk_s']:.3f}",
-                  f"{s['sfvideo_no_decode']['pixel_fps_equivalent']:.2f}")
+        t.add_row("with VAE decode", f"{sec['sfvideo']['first_chunk_s']:.3f}", f"{sec['sfvideo']['fps']:.2f}")
+        t.add_row("transformer only", f"{sec['sfvideo_no_decode']['first_chunk_s']:.3f}",
+                  f"{sec['sfvideo_no_decode']['pixel_fps_equivalent']:.2f}")
         console.print(t)
 
 
@@ -485,10 +495,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log = (lambda *a: print(*a, file=sys.stderr)) if not args.quick else (lambda *a: None)
     t0 = time.perf_counter()
     body = bench_generate(cfg, seed=args.seed, log=log)
-    if args.gpu:
-        results["gpu"] = {**body, "machine": results["machine"]}
-    else:
-        results.update(body)
+    results["mode"] = "gpu" if args.gpu else ("quick" if args.quick else "cpu")
+    results.update(body)
     results["wall_s"] = time.perf_counter() - t0
     results["note"] = (f"latent {geo.height}x{geo.width}, {geo.num_frames} latent frames, chunks of "
                        f"{geo.frames_per_chunk}; random weights; timings are wall-clock, device synchronised")

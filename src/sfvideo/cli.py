@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jsonargparse import Namespace
-
 from lightning.pytorch.cli import LightningCLI
 
 

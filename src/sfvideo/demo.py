@@ -39,8 +39,18 @@ def _fit(config: str, save_dir: Path, name: str, *extra: str) -> Path:
     """Run ``sfvideo fit`` and return the run's last checkpoint."""
     from sfvideo.cli import main as cli
 
-    cli(["fit", "--config", config, "--trainer.logger.init_args.save_dir", str(save_dir),
-         "--trainer.logger.init_args.name", name, *extra])
+    cli(
+        [
+            "fit",
+            "--config",
+            config,
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            "--trainer.logger.init_args.name",
+            name,
+            *extra,
+        ]
+    )
     runs = sorted((save_dir / name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise RuntimeError(f"stage {name}: no checkpoint written under {save_dir / name}")
@@ -53,17 +63,25 @@ def _banner(text: str) -> None:
     Console().rule(f"[bold]{text}")
 
 
-def _evaluate(out: Path, teacher_dir: Path, ode_dir: Path, sf_dir: Path, *, num_prompts: int, num_eval: int,
-              teacher_steps: int, seed: int) -> dict[str, Any]:
+def _evaluate(
+    out: Path,
+    teacher_dir: Path,
+    ode_dir: Path,
+    sf_dir: Path,
+    *,
+    num_prompts: int,
+    num_eval: int,
+    teacher_steps: int,
+    seed: int,
+) -> dict[str, Any]:
     from sfvideo.diffusion.schedule import FlowMatchSchedule
     from sfvideo.evaluation import sample_generator, sample_teacher, score_toy_videos
+    from sfvideo.geometry import VideoGeometry
     from sfvideo.nn.wan import WanTransformer
     from sfvideo.toy.encoders import ToyCodec, ToyTextEncoder
     from sfvideo.toy.features import distance_report, load_feature_encoder
     from sfvideo.toy.world import heldout_prompts, render_batch, train_prompts
     from sfvideo.video import save_contact_sheet, write_mp4
-
-    from sfvideo.geometry import VideoGeometry
 
     geometry = VideoGeometry(num_frames=21, channels=48, height=8, width=8, frames_per_chunk=3)
     encoder, codec = ToyTextEncoder(dim=32, text_len=16), ToyCodec(spatial_stride=4)
@@ -76,7 +94,7 @@ def _evaluate(out: Path, teacher_dir: Path, ode_dir: Path, sf_dir: Path, *, num_
     features = load_feature_encoder()
     results: dict[str, Any] = {}
     models = {
-        "teacher (bidirectional, %d steps, CFG 3)" % teacher_steps: ("teacher", teacher_dir),
+        f"teacher (bidirectional, {teacher_steps} steps, CFG 3)": ("teacher", teacher_dir),
         "ODE init (causal, 4 steps)": ("generator", ode_dir),
         "Self Forcing DMD (causal, 4 steps)": ("generator", sf_dir),
     }
@@ -93,7 +111,9 @@ def _evaluate(out: Path, teacher_dir: Path, ode_dir: Path, sf_dir: Path, *, num_
                 latents = sample_generator(model, encoder, prompts, geometry, step_sigmas=step_sigmas, seed=seed)
             seconds = time.perf_counter() - t0
             video = codec.decode(latents).clamp(-1, 1)
-            scores = {k: float(v) for k, v in score_toy_videos(video, prompts).items() if torch.as_tensor(v).numel() == 1}
+            scores = {
+                k: float(v) for k, v in score_toy_videos(video, prompts).items() if torch.as_tensor(v).numel() == 1
+            }
             with torch.no_grad():
                 dist = distance_report(features.features(video), real, real_ref)
             scores.update({k: float(v) for k, v in dist.items() if torch.as_tensor(v).numel() == 1})
@@ -114,10 +134,18 @@ def _print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    keys = [("colour_acc", "colour↑"), ("shape_acc", "shape↑"), ("direction_acc", "direction↑"),
-            ("motion_acc", "motion↑"), ("persistence", "persist↑"), ("background_fidelity", "bg↑"),
-            ("flicker", "flicker↓"), ("brightness_drift", "drift"), ("fd_ratio", "FD/real↓"),
-            ("seconds_per_video", "s/video")]
+    keys = [
+        ("colour_acc", "colour↑"),
+        ("shape_acc", "shape↑"),
+        ("direction_acc", "direction↑"),
+        ("motion_acc", "motion↑"),
+        ("persistence", "persist↑"),
+        ("background_fidelity", "bg↑"),
+        ("flicker", "flicker↓"),
+        ("brightness_drift", "drift"),
+        ("fd_ratio", "FD/real↓"),
+        ("seconds_per_video", "s/video"),
+    ]
     console = Console()
     for split, rows in results.items():
         table = Table(title=f"toy world, {split} prompts")
@@ -133,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="sfvideo demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="lightning_logs/demo", help="folder for runs, exports, samples and metrics")
     p.add_argument("--ode_steps", type=int, default=None, help="ODE-initialisation steps (default: the config's)")
-    p.add_argument("--generator_steps", type=int, default=None, help="Self Forcing generator updates (default: the config's)")
+    p.add_argument(
+        "--generator_steps", type=int, default=None, help="Self Forcing generator updates (default: the config's)"
+    )
     p.add_argument("--num_prompts", type=int, default=8, help="videos written per split (train / held-out)")
     p.add_argument("--num_eval", type=int, default=32, help="videos scored per split (metrics and FD)")
     p.add_argument("--teacher_steps", type=int, default=30, help="Euler steps of the teacher's samples")
@@ -147,8 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     teacher = asset_path("toy_teacher")
     if teacher is None:
-        raise SystemExit("sfvideo demo: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make it with "
-                         "`sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`")
+        raise SystemExit(
+            "sfvideo demo: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make it with "
+            "`sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`"
+        )
     start = time.perf_counter()
 
     _banner("1/3  ODE initialisation of the causal generator")
@@ -164,13 +196,23 @@ def main(argv: list[str] | None = None) -> None:
     sf_dir = export_checkpoint(sf_ckpt, out / "exports" / "self_forcing", ema=has_ema, overwrite=True)
 
     _banner("3/3  Samples and metrics")
-    results = _evaluate(out, teacher, ode_dir, sf_dir, num_prompts=args.num_prompts, num_eval=args.num_eval,
-                        teacher_steps=args.teacher_steps, seed=args.seed)
+    results = _evaluate(
+        out,
+        teacher,
+        ode_dir,
+        sf_dir,
+        num_prompts=args.num_prompts,
+        num_eval=args.num_eval,
+        teacher_steps=args.teacher_steps,
+        seed=args.seed,
+    )
     _print_table(results)
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     minutes = (time.perf_counter() - start) / 60
-    print(f"\nsamples: {out / 'samples'}  metrics: {out / 'metrics.json'}  "
-          f"TensorBoard: tensorboard --logdir {out}  ({minutes:.1f} min)")
+    print(
+        f"\nsamples: {out / 'samples'}  metrics: {out / 'metrics.json'}  "
+        f"TensorBoard: tensorboard --logdir {out}  ({minutes:.1f} min)"
+    )
 
 
 if __name__ == "__main__":

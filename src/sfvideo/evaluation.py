@@ -22,8 +22,14 @@ from sfvideo.geometry import VideoGeometry
 from sfvideo.nn.interfaces import TextEncoder
 
 
-def _noise(geometry: VideoGeometry, batch: int, seed: int, device: torch.device, dtype: torch.dtype,
-           num_frames: int | None = None) -> tuple[torch.Tensor, torch.Generator]:
+def _noise(
+    geometry: VideoGeometry,
+    batch: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_frames: int | None = None,
+) -> tuple[torch.Tensor, torch.Generator]:
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(geometry.latent_shape(batch, num_frames), generator=g, device=device, dtype=dtype), g
 
@@ -42,13 +48,14 @@ def sample_teacher(
     seed: int = 0,
 ) -> torch.Tensor:
     """Latents ``(B, F, C, H, W)`` from ``steps`` Euler steps (official CFG convention ``cond + g (cond − uncond)``)."""
-    p = next(model.parameters())
+    p = model.patch_embedding.weight  # device and compute dtype (fp32 islands aside)
     cond = text_encoder.encode(list(prompts)).to(p.device, p.dtype)
     uncond = text_encoder.encode([negative_prompt]).to(p.device, p.dtype).expand_as(cond)
     noise, _ = _noise(geometry, len(prompts), seed, p.device, p.dtype)
     sigmas = sample_sigmas(FlowMatchSchedule(shift=shift), steps)
-    out = euler_sample(Denoiser(model), noise, cond, sigmas=sigmas, uncond=uncond, guidance_scale=guidance_scale,
-                       guidance="official")
+    out = euler_sample(
+        Denoiser(model), noise, cond, sigmas=sigmas, uncond=uncond, guidance_scale=guidance_scale, guidance="official"
+    )
     return out.x0
 
 
@@ -66,19 +73,39 @@ def sample_generator(
     seed: int = 0,
 ) -> torch.Tensor:
     """Latents ``(B, F, C, H, W)`` from the causal generator, chunk by chunk with its KV cache."""
-    p = next(model.parameters())
+    p = model.patch_embedding.weight  # device and compute dtype (fp32 islands aside)
     frames = num_frames or geometry.num_frames
     cond = text_encoder.encode(list(prompts)).to(p.device, p.dtype)
     noise, g = _noise(geometry, len(prompts), seed, p.device, p.dtype, frames)
     capacity = frames if window_frames is None else window_frames + sink_frames + geometry.frames_per_chunk
-    cache = model.new_kv_cache(len(prompts), geometry.tokens_per_frame, capacity, sink_frames=sink_frames,
-                               window_frames=window_frames, dtype=p.dtype, device=p.device)
-    return generate_latents(Denoiser(model), noise, cond, step_sigmas=step_sigmas.to(p.device),
-                            frames_per_chunk=geometry.frames_per_chunk, kv_cache=cache, noise_generator=g)
+    cache = model.new_kv_cache(
+        len(prompts),
+        geometry.tokens_per_frame,
+        capacity,
+        sink_frames=sink_frames,
+        window_frames=window_frames,
+        dtype=p.dtype,
+        device=p.device,
+    )
+    return generate_latents(
+        Denoiser(model),
+        noise,
+        cond,
+        step_sigmas=step_sigmas.to(p.device),
+        frames_per_chunk=geometry.frames_per_chunk,
+        kv_cache=cache,
+        noise_generator=g,
+    )
 
 
-def score_toy_videos(videos: torch.Tensor, prompts: Sequence[str], *, world: Any = None,
-                     reference: torch.Tensor | None = None, features: Any = None) -> dict[str, Any]:
+def score_toy_videos(
+    videos: torch.Tensor,
+    prompts: Sequence[str],
+    *,
+    world: Any = None,
+    reference: torch.Tensor | None = None,
+    features: Any = None,
+) -> dict[str, Any]:
     """Toy-world metrics of ``videos (B, T, 3, H, W)`` in [-1, 1]; with ``reference`` real videos, also the
     feature-space Fréchet distance ratio to real-vs-real (see ``sfvideo.toy.features``)."""
     from sfvideo.metrics.toy import ToyVideoMetrics

@@ -36,8 +36,9 @@ def _configs_from_flavor(hp: dict[str, Any], network: str) -> dict[str, dict]:
     return {}
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, *, network: str | None = None, ema: bool = False,
-                      overwrite: bool = False) -> Path:
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, *, network: str | None = None, ema: bool = False, overwrite: bool = False
+) -> Path:
     """Export one network of a Lightning checkpoint; returns the folder written."""
     from sfvideo.nn.checkpoint import export_diffusers
     from sfvideo.nn.wan import WanTransformer

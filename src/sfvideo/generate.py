@@ -182,7 +182,8 @@ def load_lightning_checkpoint(path: Path, *, use_ema: bool = False) -> LoadedGen
     if not weights or "geometry" not in hp:
         raise GenerateError(f"{path} is not a SelfForcingDMD checkpoint (no 'generator.*' weights or no geometry)")
     if use_ema:
-        ema = (ckpt.get("sfvideo") or {}).get("ema")
+        # The EMA is per-rank state (``rank_local``); one-device and ZeRO-1/2 runs keep it whole in the .ckpt.
+        ema = ((ckpt.get("rank_local") or {}).get("generator_ema") or {}).get("shadow")
         if not ema:
             raise GenerateError(f"--use_ema: {path} holds no EMA weights (training stopped before ema_start_step?)")
         weights = {**weights, **{k: v for k, v in ema.items()}}

@@ -40,6 +40,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from sfvideo.nn.interfaces import StreamDecoder
+
 __all__ = [
     "PromptEmbeddings",
     "UMT5TextEncoder",
@@ -404,7 +406,7 @@ def _count_causal_convs(module: nn.Module) -> int:
     return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
 
 
-class WanVAEStreamDecoder:
+class WanVAEStreamDecoder(StreamDecoder):
     """Decodes Wan latents chunk by chunk, carrying the causal-conv caches between calls.
 
     Drives ``vae.post_quant_conv`` and ``vae.decoder(x, feat_cache=..., feat_idx=..., first_chunk=...)`` one

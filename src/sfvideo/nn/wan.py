@@ -377,6 +377,11 @@ class WanTransformer(ModelMixin, ConfigMixin):
         return cls(**{**FLAVORS[name], **overrides})
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype of activations (the patch embedding's); fp32 islands such as ``scale_shift_table`` stay fp32."""
+        return self.patch_embedding.weight.dtype
+
+    @property
     def dim(self) -> int:
         return self.config.num_attention_heads * self.config.attention_head_dim
 

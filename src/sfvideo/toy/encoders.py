@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfvideo.geometry import VideoGeometry
+from sfvideo.nn.interfaces import StreamDecoder
 from sfvideo.toy.world import VOCABULARY, ToyWorldConfig
 
 
@@ -109,7 +110,7 @@ class ToyTextEncoder(nn.Module):
         return self.encode(prompts)
 
 
-class ToyStreamDecoder:
+class ToyStreamDecoder(StreamDecoder):
     """Chunk-by-chunk decoder of ``ToyCodec`` (stateless: time is 1:1)."""
 
     def __init__(self, codec: ToyCodec) -> None:

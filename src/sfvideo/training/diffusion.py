@@ -81,7 +81,9 @@ class FlowMatchingDiffusion(L.LightningModule):
     def configure_model(self) -> None:
         if hasattr(self, "model"):
             return
-        self.model = build_transformer(self.hparams.model, overrides=self.hparams.model_overrides, seed=self.hparams.seed)
+        self.model = build_transformer(
+            self.hparams.model, overrides=self.hparams.model_overrides, seed=self.hparams.seed
+        )
 
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(self.model.parameters())
@@ -102,14 +104,19 @@ class FlowMatchingDiffusion(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x0 = batch["latents"].to(self.device)
         prompts = list(batch["prompts"])
-        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank)
+        g = torch.Generator(device=self.device).manual_seed(
+            self.hparams.seed * 1_000_003 + self.global_step * 97 + self.global_rank
+        )
         drop = torch.rand(len(prompts), generator=g, device=self.device) < self.hparams.caption_dropout
         prompts = [self.hparams.negative_prompt if d else p for p, d in zip(prompts, drop.tolist())]
         context = self.text_encoder.encode(prompts).to(self.device)
         sigma = self.sample_sigma(x0.shape[0], g)
         noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
         xt = add_noise(x0, noise, sigma)
-        kwargs: dict[str, Any] = {"attention": self.hparams.attention, "frames_per_chunk": self.geometry.frames_per_chunk}
+        kwargs: dict[str, Any] = {
+            "attention": self.hparams.attention,
+            "frames_per_chunk": self.geometry.frames_per_chunk,
+        }
         if self.hparams.attention == "teacher_forcing":
             kwargs["clean_x"] = x0
         timestep = sigma * self.schedule.num_train_timesteps

@@ -34,9 +34,9 @@ from sfvideo.losses.critic import critic_loss
 from sfvideo.losses.dmd import dmd_loss
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
 from sfvideo.training.networks import build_transformer, freeze, network_configs
+from sfvideo.training.optim import CriticAdamW, GeneratorAdamW
 from sfvideo.training.seeding import mix_seed
 from sfvideo.training.strategies import RANK_LOCAL_KEY, ShardedEMA, network
-from sfvideo.training.optim import CriticAdamW, GeneratorAdamW
 
 WAN_NEGATIVE_PROMPT = ""
 """Default negative prompt (the unconditional branch of classifier-free guidance)."""
@@ -161,7 +161,9 @@ class SelfForcingDMD(L.LightningModule):
                 f"--model.rollout_frames={h.rollout_frames} must be >= geometry.num_frames={g.num_frames} and a "
                 f"multiple of geometry.frames_per_chunk={g.frames_per_chunk}"
             )
-        if h.window_frames is not None and (h.window_frames < g.frames_per_chunk or h.window_frames % g.frames_per_chunk):
+        if h.window_frames is not None and (
+            h.window_frames < g.frames_per_chunk or h.window_frames % g.frames_per_chunk
+        ):
             raise ValueError(f"--model.window_frames={h.window_frames} must be a positive multiple of frames_per_chunk")
 
     @property
@@ -243,7 +245,7 @@ class SelfForcingDMD(L.LightningModule):
             last_step_only=h.last_step_only,
         )
         ng = self.noise_generator(role, micro)
-        dtype = next(self.generator.parameters()).dtype
+        dtype = self.generator.compute_dtype
         noise = torch.randn(geo.latent_shape(cond.shape[0], frames), generator=ng, device=self.device, dtype=dtype)
         cache = self.generator.new_kv_cache(
             cond.shape[0],
@@ -405,8 +407,9 @@ class SelfForcingDMD(L.LightningModule):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, num_frames: int | None = None, seed: int = 0,
-                 use_ema: bool = False) -> torch.Tensor:
+    def generate(
+        self, prompts: list[str], *, num_frames: int | None = None, seed: int = 0, use_ema: bool = False
+    ) -> torch.Tensor:
         """Few-step KV-cached generation of latents ``(B, F, C, H, W)`` (no gradient)."""
         from sfvideo.diffusion.rollout import generate_latents
 
@@ -418,7 +421,7 @@ class SelfForcingDMD(L.LightningModule):
         if use_ema and self.ema is not None and self.ema.initialized:
             model = copy.deepcopy(self.generator)
             model.load_state_dict(self.ema.full_state_dict(self.generator), strict=False)
-        dtype = next(model.parameters()).dtype
+        dtype = model.compute_dtype
         noise = torch.randn(geo.latent_shape(len(prompts), frames), generator=g, device=self.device, dtype=dtype)
         cache = model.new_kv_cache(len(prompts), geo.tokens_per_frame, frames, dtype=dtype, device=self.device)
         return generate_latents(

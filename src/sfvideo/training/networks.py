@@ -57,8 +57,6 @@ def build_transformer(
     return load_transformer(str(path), strict=True)
 
 
-
-
 def network_configs(module: nn.Module, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """Constructor configs of the named networks, stored in checkpoints so exports need no guessing."""
     out: dict[str, dict[str, Any]] = {}
@@ -66,5 +64,13 @@ def network_configs(module: nn.Module, names: tuple[str, ...]) -> dict[str, dict
         net = getattr(module, name, None)
         config = getattr(net, "config", None)
         if config is not None:
-            out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
+            out[name] = {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")
+            }
     return out
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """Activation dtype of a network: ``WanTransformer.compute_dtype``, else its first parameter's dtype."""
+    dtype = getattr(model, "compute_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype

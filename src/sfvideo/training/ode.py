@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,7 @@ from sfvideo.diffusion.sampling import Guidance, euler_sample, ode_sigmas
 from sfvideo.diffusion.schedule import FlowMatchSchedule
 from sfvideo.geometry import VideoGeometry, check_chunking
 from sfvideo.nn.interfaces import TextEncoder
-from sfvideo.training.networks import build_transformer, freeze, network_configs
+from sfvideo.training.networks import build_transformer, compute_dtype, freeze, network_configs
 from sfvideo.training.optim import ODEAdamW
 from sfvideo.training.seeding import mix_seed
 from sfvideo.training.strategies import clip_gradients, network
@@ -461,7 +461,7 @@ class ODEInit(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(mix_seed(self.hparams.seed, *parts))
 
     def _generator_dtype(self) -> torch.dtype:
-        return next(self.generator.parameters()).dtype
+        return compute_dtype(self.generator)
 
     # ------------------------------------------------------------------ trajectories
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -476,7 +476,7 @@ class ODEInit(L.LightningModule):
         """Teacher ODE trajectories for a prompt batch, noise seeded with ``(seed, step, rank)``."""
         h, geo = self.hparams, self.geometry
         cond, uncond = self.encode(prompts)
-        teacher_dtype = next(self.teacher.parameters()).dtype
+        teacher_dtype = compute_dtype(self.teacher)
         g = self._generator(0, self.generator_steps, self.global_rank)
         noise = torch.randn(geo.latent_shape(len(prompts)), generator=g, device=self.device, dtype=teacher_dtype)
         traj = ode_trajectories(
