@@ -57,6 +57,7 @@ class ToyVideoDataModule(L.LightningDataModule):
         batch_size: clips per rank per step.
         two_object_fraction: share of scenes with two objects.
         seed: seed of prompts and scenes.
+        num_workers: rendering processes (1 renders the next batch while the model trains on this one).
     """
 
     def __init__(
@@ -66,8 +67,10 @@ class ToyVideoDataModule(L.LightningDataModule):
         batch_size: int = 8,
         two_object_fraction: float = 0.0,
         seed: int = 0,
+        num_workers: int = 1,
     ) -> None:
         super().__init__()
+        self.num_workers = num_workers
         if batch_size <= 0:
             raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
         self.world = world
@@ -80,7 +83,10 @@ class ToyVideoDataModule(L.LightningDataModule):
         stream = ToyVideoStream(
             self.world, self.codec, self.batch_size, self.seed, rank, self.two_object_fraction, self._batches_consumed
         )
-        return DataLoader(stream, batch_size=None, num_workers=0)
+        # One stream per rank; with a worker process the stream is rendered there (a single worker keeps the
+        # order and the resume position exact).
+        return DataLoader(stream, batch_size=None, num_workers=min(self.num_workers, 1),
+                          persistent_workers=self.num_workers > 0)
 
     def count_consumed_batch(self) -> None:
         self._batches_consumed += 1

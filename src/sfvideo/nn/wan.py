@@ -50,11 +50,12 @@ FLAVORS: dict[str, dict[str, Any]] = {
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32, freq_dim=32,
         ffn_dim=64, num_layers=2,
     ),
-    # Small, for the toy world on CPU (configs/toy): 4 layers, 4 heads x 32; 48 latent channels = the toy codec's
-    # pixel-unshuffle by 4 of RGB, text_dim 32 = the toy text encoder's width.
+    # Small, for the toy world on CPU (configs/toy): 3 layers, 4 heads x 64. 48 latent channels = the toy codec's
+    # pixel-unshuffle by 4 of RGB, so a 1x2x2 patch holds 192 values: the width (256) must exceed that, or the flow
+    # output (which carries the per-pixel noise) cannot be represented. text_dim 32 = the toy text encoder's width.
     "toy": dict(
-        num_attention_heads=4, attention_head_dim=32, in_channels=48, out_channels=48, text_dim=32, freq_dim=64,
-        ffn_dim=512, num_layers=4,
+        num_attention_heads=4, attention_head_dim=64, in_channels=48, out_channels=48, text_dim=32, freq_dim=64,
+        ffn_dim=512, num_layers=3,
     ),
     # Wan2.1-T2V-1.3B: dim 1536 = 12 x 128.
     "1.3B": dict(
