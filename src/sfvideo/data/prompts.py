@@ -16,27 +16,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """Read one prompt per line; blank lines are skipped.
+    """One prompt per line, blank lines skipped; a missing, empty or non-UTF-8 file is a one-line error naming the
+    file (and line). The one implementation lives with the encoders (``sfvideo.nn.encoders.read_prompts``)."""
+    from sfvideo.nn.encoders import read_prompts
 
-    Raises:
-        FileNotFoundError: the file does not exist (message names it).
-        ValueError: the file is not UTF-8 (message names file and line) or holds no prompt.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts: list[str] = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if line:
-                prompts.append(line)
-    if not prompts:
-        raise ValueError(f"prompt file holds no prompt (only blank lines or empty): {path}")
-    return prompts
+    return read_prompts(path)
 
 
 class PromptStream(IterableDataset):

@@ -572,3 +572,55 @@ class WanVAECodec:
     def stream_decoder(self) -> WanVAEStreamDecoder:
         """A fresh streaming decoder (empty causal cache)."""
         return WanVAEStreamDecoder(self)
+
+
+class PrecomputedTextEncoder:
+    """A :class:`~sfvideo.nn.interfaces.TextEncoder` over embeddings written by :func:`precompute_prompt_embeddings`,
+    so training need not hold the 5B umT5 encoder. Unknown prompts fail with the file named; the negative prompt
+    must be in the file too (``sfvideo encode-prompts --negative_prompt ...`` adds it).
+
+    Args:
+        path: the ``.safetensors`` file written by ``sfvideo encode-prompts``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.table = load_prompt_embeddings(path)
+        self.text_len = self.table.text_len
+        self.dim = self.table.dim
+        self._index = {p: i for i, p in enumerate(self.table.prompts)}
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in prompts if p not in self._index]
+        if missing:
+            raise KeyError(f"{self.path}: no precomputed embedding for prompt {missing[0]!r}")
+        return self.table.padded([self._index[p] for p in prompts])
+
+
+def encode_prompts_main(argv: Sequence[str] | None = None) -> None:
+    """``sfvideo encode-prompts``: precompute umT5 embeddings of a prompt file (plus the negative prompt)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="sfvideo encode-prompts", description=encode_prompts_main.__doc__)
+    p.add_argument("--model", required=True, help="diffusers Wan folder (text_encoder/ + tokenizer/) or hub id")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--negative_prompt", default="", help="also encode this prompt (the CFG branch)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        encoder = UMT5TextEncoder(args.model, dtype=args.dtype, device=args.device)
+        prompts = read_prompts(args.prompts)
+        if args.negative_prompt and args.negative_prompt not in prompts:
+            prompts = prompts + [args.negative_prompt]  # the CFG branch is looked up like any prompt
+        with tempfile.TemporaryDirectory() as tmp:
+            listing = Path(tmp) / "prompts.txt"
+            listing.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+            precompute_prompt_embeddings(encoder, listing, args.out, args.batch_size)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"sfvideo encode-prompts: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {args.out}")

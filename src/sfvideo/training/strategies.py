@@ -489,7 +489,11 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
         if self.lightning_module is None:
             return
         if "train_micro_batch_size_per_gpu" not in self.config:
-            self.config["train_micro_batch_size_per_gpu"] = self._auto_select_batch_size()
+            try:
+                batch = self._auto_select_batch_size()
+            except AttributeError:  # a loader that yields whole batches (batch_size=None) has no batch sampler
+                batch = 1
+            self.config["train_micro_batch_size_per_gpu"] = batch
 
     def _frozen_config(self) -> dict[str, Any]:
         assert isinstance(self.config, dict)
