@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = ["--model.init_args.max_generator_steps", str(args.generator_steps)] if args.generator_steps else []
     sf_ckpt = _fit(_config("dmd.yaml"), out, "self_forcing", "--model.init_args.generator_init", str(ode_dir), *extra)
     state = torch.load(sf_ckpt, map_location="cpu", weights_only=False)
-    has_ema = bool((state.get("rank_local") or {}).get("generator_ema"))
+    has_ema = bool(((state.get("rank_local") or {}).get("generator_ema") or {}).get("shadow"))
     sf_dir = export_checkpoint(sf_ckpt, out / "exports" / "self_forcing", ema=has_ema, overwrite=True)
 
     _banner("3/3  Samples and metrics")

@@ -142,3 +142,9 @@ def test_export_generator_and_ema_as_diffusers_folder(tmp_path):
     assert any((dict(plain.named_parameters())[k] != v).any() for k, v in shadow.items())
     with pytest.raises(ValueError, match="critic|network"):
         export_checkpoint(ckpt, tmp_path / "x", network="teacher")
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_subcommands(tmp_path, subcommand):
+    main([subcommand, "--config", DEBUG, "--trainer.logger.init_args.save_dir", str(tmp_path), *QUIET])
+    assert list(tmp_path.glob("lightning_logs/version_*/events.out.tfevents.*"))

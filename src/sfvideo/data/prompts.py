@@ -96,6 +96,7 @@ class PromptDataModule(L.LightningDataModule):
             module's gradient accumulation micro-batches).
         seed: seed of the shared prompt permutation.
         predict_prompts_file: prompts for ``sfvideo predict`` (defaults to ``prompts_file``).
+        val_batches: batches of ``sfvideo validate`` / ``test`` (a fixed draw, seeded apart from training).
     """
 
     def __init__(
@@ -104,12 +105,14 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: int = 1,
         seed: int = 0,
         predict_prompts_file: str | None = None,
+        val_batches: int = 2,
     ) -> None:
         super().__init__()
         self.prompts_file = prompts_file
         self.batch_size = batch_size
         self.seed = seed
         self.predict_prompts_file = predict_prompts_file
+        self.val_batches = val_batches
         self._batches_consumed = 0
         if batch_size <= 0:
             raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
@@ -130,6 +133,14 @@ class PromptDataModule(L.LightningDataModule):
         # Resume at the same data position: Lightning restores `_batches_consumed` through state_dict().
         stream = PromptStream(self.prompts, self.batch_size, self.seed, rank, world, start_batch=self._batches_consumed)
         return DataLoader(stream, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        stream = iter(PromptStream(self.prompts, self.batch_size, self.seed + 1_000_003, rank=0, world_size=1))
+        batches = [next(stream) for _ in range(self.val_batches)]
+        return DataLoader(batches, batch_size=None, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         path = self.predict_prompts_file or self.prompts_file

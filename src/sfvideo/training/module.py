@@ -379,6 +379,19 @@ class SelfForcingDMD(L.LightningModule):
             if self.critic_steps % self.hparams.critic_updates_per_generator_update == 0:
                 self.trainer.should_stop = True
 
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Both losses on a fixed prompt draw, without updates (``sfvideo validate`` / ``test``)."""
+        _, gen_logs = self.generator_loss(batch["generator"], micro=batch_idx)
+        critic, critic_logs = self.critic_loss(batch["critic"], micro=batch_idx)
+        stage = "test" if self.trainer.testing else "val"
+        logs = {f"{stage}/{k}": v.float() for k, v in {**gen_logs, **critic_logs}.items()}
+        self.log_dict(logs, on_epoch=True, batch_size=len(batch["generator"]))
+        return logs
+
+    def test_step(self, batch: dict[str, list[str]], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.validation_step(batch, batch_idx)
+
     # ------------------------------------------------------------------ EMA and checkpoints
     def update_ema(self) -> None:
         if self.ema is not None:
