@@ -23,11 +23,11 @@ from lightning.pytorch.cli import OptimizerCallable
 from sfvideo.diffusion.schedule import FlowMatchSchedule, add_noise, flow_target
 from sfvideo.geometry import VideoGeometry
 from sfvideo.nn.interfaces import TextEncoder
-from sfvideo.training.networks import build_transformer, network_configs
+from sfvideo.training.networks import PromptConditioning, build_transformer, network_configs
 from sfvideo.training.strategies import RANK_LOCAL_KEY, ShardedEMA
 
 
-class FlowMatchingDiffusion(L.LightningModule):
+class FlowMatchingDiffusion(PromptConditioning, L.LightningModule):
     """Train a transformer with flow matching (teacher, diffusion forcing or teacher forcing).
 
     Args:
@@ -67,16 +67,8 @@ class FlowMatchingDiffusion(L.LightningModule):
         self.geometry = geometry
         self.schedule = FlowMatchSchedule(shift=shift)
         self.optimizer_factory = optimizer
-        object.__setattr__(self, "_text_encoder", text_encoder)
+        self.set_text_encoder(text_encoder)
         self.ema = ShardedEMA(decay=ema_decay) if ema_decay > 0 else None
-
-    @property
-    def text_encoder(self) -> TextEncoder:
-        if self._text_encoder is None:
-            from sfvideo.toy.encoders import ToyTextEncoder
-
-            object.__setattr__(self, "_text_encoder", ToyTextEncoder())
-        return self._text_encoder
 
     def configure_model(self) -> None:
         if hasattr(self, "model"):

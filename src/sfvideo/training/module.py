@@ -33,7 +33,7 @@ from sfvideo.geometry import VideoGeometry
 from sfvideo.losses.critic import critic_loss
 from sfvideo.losses.dmd import dmd_loss
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
-from sfvideo.training.networks import build_transformer, freeze, network_configs
+from sfvideo.training.networks import PromptConditioning, build_transformer, freeze, network_configs
 from sfvideo.training.optim import CriticAdamW, GeneratorAdamW
 from sfvideo.training.seeding import mix_seed
 from sfvideo.training.strategies import RANK_LOCAL_KEY, ShardedEMA, network
@@ -42,7 +42,7 @@ WAN_NEGATIVE_PROMPT = ""
 """Default negative prompt (the unconditional branch of classifier-free guidance)."""
 
 
-class SelfForcingDMD(L.LightningModule):
+class SelfForcingDMD(PromptConditioning, L.LightningModule):
     """Self Forcing training of a causal generator with the DMD loss.
 
     Args:
@@ -135,12 +135,11 @@ class SelfForcingDMD(L.LightningModule):
         self.critic_optimizer = critic_optimizer
         # Frozen encoders are not registered as submodules: they are not trained, not checkpointed, and may be
         # offloaded by their own wrappers (umT5 is 5B parameters).
-        object.__setattr__(self, "_text_encoder", text_encoder)
+        self.set_text_encoder(text_encoder)
         object.__setattr__(self, "_codec", codec)
         self.generator_steps = 0
         self.critic_steps = 0
         self.ema = ShardedEMA(decay=ema_decay, start_step=ema_start_step) if ema_decay > 0 else None
-        self._uncond_cache: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
     def _validate(self) -> None:
@@ -165,14 +164,6 @@ class SelfForcingDMD(L.LightningModule):
             h.window_frames < g.frames_per_chunk or h.window_frames % g.frames_per_chunk
         ):
             raise ValueError(f"--model.window_frames={h.window_frames} must be a positive multiple of frames_per_chunk")
-
-    @property
-    def text_encoder(self) -> TextEncoder:
-        if self._text_encoder is None:
-            from sfvideo.toy.encoders import ToyTextEncoder
-
-            object.__setattr__(self, "_text_encoder", ToyTextEncoder())
-        return self._text_encoder
 
     @property
     def codec(self) -> VideoCodec | None:
@@ -221,13 +212,6 @@ class SelfForcingDMD(L.LightningModule):
         return self._generator(1, role, self.critic_steps, self.global_rank, micro)
 
     # ------------------------------------------------------------------ the algorithm
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        cond = self.text_encoder.encode(prompts).to(self.device)
-        if self._uncond_cache is None or self._uncond_cache.device != cond.device:
-            # The negative prompt's embedding is computed once (notes §6).
-            self._uncond_cache = self.text_encoder.encode([self.hparams.negative_prompt]).to(cond.device)
-        return cond, self._uncond_cache.expand_as(cond)
-
     def rollout(self, cond: torch.Tensor, *, grad: bool, role: int, micro: int) -> torch.Tensor:
         """Self Forcing rollout (Algorithm 1): the generator's own KV-cached autoregressive sample.
 

@@ -74,3 +74,33 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     """Activation dtype of a network: ``WanTransformer.compute_dtype``, else its first parameter's dtype."""
     dtype = getattr(model, "compute_dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
+
+
+class PromptConditioning:
+    """Mixin of the training modules: the frozen prompt encoder and cond/uncond embeddings.
+
+    The encoder is held outside the module tree (``object.__setattr__``): it is not trained, not checkpointed, and
+    large ones (umT5, 5B) manage their own device/offload. Unset, it is the toy world's encoder. The negative
+    prompt's embedding (``hparams.negative_prompt``) is computed once per device (notes §6).
+    """
+
+    def set_text_encoder(self, encoder: Any) -> None:
+        object.__setattr__(self, "_text_encoder", encoder)
+        object.__setattr__(self, "_uncond_cache", None)
+
+    @property
+    def text_encoder(self) -> Any:
+        if getattr(self, "_text_encoder", None) is None:
+            from sfvideo.toy.encoders import ToyTextEncoder
+
+            self.set_text_encoder(ToyTextEncoder())
+        return self._text_encoder
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cond, uncond)`` embeddings ``(B, L, D)`` on the module's device."""
+        cond = self.text_encoder.encode(list(prompts)).to(self.device)
+        uncond = getattr(self, "_uncond_cache", None)
+        if uncond is None or uncond.device != cond.device:
+            uncond = self.text_encoder.encode([self.hparams.negative_prompt]).to(cond.device)
+            object.__setattr__(self, "_uncond_cache", uncond)
+        return cond, uncond.expand_as(cond)

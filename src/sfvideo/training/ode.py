@@ -43,7 +43,7 @@ from sfvideo.diffusion.sampling import Guidance, euler_sample, ode_sigmas
 from sfvideo.diffusion.schedule import FlowMatchSchedule
 from sfvideo.geometry import VideoGeometry, check_chunking
 from sfvideo.nn.interfaces import TextEncoder
-from sfvideo.training.networks import build_transformer, compute_dtype, freeze, network_configs
+from sfvideo.training.networks import PromptConditioning, build_transformer, compute_dtype, freeze, network_configs
 from sfvideo.training.optim import ODEAdamW
 from sfvideo.training.seeding import mix_seed
 from sfvideo.training.strategies import clip_gradients, network
@@ -331,7 +331,7 @@ class TrajectoryBatch:
     """Generator step at which it was made."""
 
 
-class ODEInit(L.LightningModule):
+class ODEInit(PromptConditioning, L.LightningModule):
     """ODE regression of the causal generator onto the teacher's trajectories (CausVid / Self Forcing ODE init).
 
     Args:
@@ -416,22 +416,13 @@ class ODEInit(L.LightningModule):
             raise ValueError(f"--model.denoising_steps must start at {self.schedule.num_train_timesteps} (pure noise)")
         self.optimizer_factory = optimizer
         # Frozen encoders are not registered as submodules (not trained, not checkpointed).
-        object.__setattr__(self, "_text_encoder", text_encoder)
+        self.set_text_encoder(text_encoder)
         self.generator_steps = 0
         self.trajectory_cache: TrajectoryBatch | None = None
         self._pairs: ODEPairs | None = None
         self._pair_rows: dict[str, list[int]] | None = None
-        self._uncond_cache: Tensor | None = None
 
     # ------------------------------------------------------------------ set-up
-    @property
-    def text_encoder(self) -> TextEncoder:
-        if self._text_encoder is None:
-            from sfvideo.toy.encoders import ToyTextEncoder
-
-            object.__setattr__(self, "_text_encoder", ToyTextEncoder())
-        return self._text_encoder
-
     def configure_model(self) -> None:
         if hasattr(self, "generator"):
             return
@@ -464,13 +455,6 @@ class ODEInit(L.LightningModule):
         return compute_dtype(self.generator)
 
     # ------------------------------------------------------------------ trajectories
-    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Prompt and negative-prompt embeddings ``(B, L, D)`` (the negative one computed once)."""
-        cond = self.text_encoder.encode(prompts).to(self.device)
-        if self._uncond_cache is None or self._uncond_cache.device != cond.device:
-            self._uncond_cache = self.text_encoder.encode([self.hparams.negative_prompt]).to(cond.device)
-        return cond, self._uncond_cache.expand_as(cond)
-
     @torch.no_grad()
     def generate_trajectories(self, prompts: list[str]) -> TrajectoryBatch:
         """Teacher ODE trajectories for a prompt batch, noise seeded with ``(seed, step, rank)``."""
