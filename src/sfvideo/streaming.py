@@ -35,8 +35,7 @@ import torch
 from torch import Tensor
 
 from sfvideo.diffusion.denoiser import Denoiser
-from sfvideo.diffusion.rollout import generate_latents
-from sfvideo.diffusion.schedule import add_noise
+from sfvideo.diffusion.rollout import generate_latents, refresh_chunk
 
 ContextSchedule = Sequence[tuple[int, Tensor]]
 """``[(start_frame, context (B, L, D)), ...]``: prompt embeddings by latent frame, the first at frame 0."""
@@ -114,37 +113,8 @@ def _replay_groups(frames: Sequence[int], frames_per_chunk: int) -> list[list[in
     return groups
 
 
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Gaussian noise like ``x`` drawn on the generator's device (the rollout's convention, so draws match)."""
-    if generator is None:
-        return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-
-
-def refresh(
-    denoiser: Denoiser,
-    latents: Tensor,
-    context: Tensor,
-    *,
-    kv_cache: Any,
-    start_frame: int,
-    context_sigma: float = 0.0,
-    noise_generator: torch.Generator | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-) -> None:
-    """The clean-context cache refresh of a chunk (step 3 of ``sfvideo.diffusion.rollout``; same call, same draws).
-
-    Noise the chunk's clean latents ``(B, f, C, H, W)`` to ``context_sigma`` (fresh noise when > 0) and run the
-    generator on them at ``start_frame``, overwriting the chunk's cache slot with clean-context K/V. The output is
-    discarded.
-    """
-    kwargs = {"attention": "block_causal", "frames_per_chunk": latents.shape[1], **(model_kwargs or {})}
-    with torch.no_grad():
-        x = latents.detach()
-        if context_sigma > 0:
-            x = add_noise(x, _randn(x, noise_generator), context_sigma)
-        sigma = torch.full(x.shape[:2], context_sigma, device=x.device, dtype=torch.float32)
-        denoiser(x, sigma, context, kv_cache=kv_cache, start_frame=start_frame, **kwargs)
+refresh = refresh_chunk
+"""The clean-context cache refresh of a chunk: the rollout's own step 3 (one implementation)."""
 
 
 def recache(

@@ -96,6 +96,32 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
+def refresh_chunk(
+    denoiser: Denoiser,
+    latents: Tensor,
+    context: Tensor,
+    *,
+    kv_cache: Any,
+    start_frame: int,
+    context_sigma: float = 0.0,
+    noise_generator: torch.Generator | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """Step 3 of Algorithm 1, the clean-context cache refresh of one chunk (used by the rollout and by streaming).
+
+    Noise the chunk's clean latents ``(B, f, C, H, W)`` to ``context_sigma`` (fresh noise when > 0) and run the
+    generator on them at ``start_frame`` without gradient, overwriting the chunk's cache slot with clean-context K/V.
+    The output is discarded.
+    """
+    kwargs = {"attention": "block_causal", "frames_per_chunk": latents.shape[1], **(model_kwargs or {})}
+    with torch.no_grad():
+        x = latents.detach()
+        if context_sigma > 0:
+            x = add_noise(x, _randn_like(x, noise_generator), context_sigma)
+        sigma = torch.full(x.shape[:2], context_sigma, device=x.device, dtype=torch.float32)
+        denoiser(x, sigma, context, kv_cache=kv_cache, start_frame=start_frame, **kwargs)
+
+
 def self_forcing_rollout(
     denoiser: Denoiser,
     noise: Tensor,
@@ -190,11 +216,8 @@ def self_forcing_rollout(
 
         # 3. Cache refresh: rerun on the (noised) detached output so the slot holds clean-context K/V.
         if refresh_last or i < num_chunks - 1:
-            with torch.no_grad():
-                ctx = out.detach()
-                if context_sigma > 0:
-                    ctx = add_noise(ctx, _randn_like(ctx, noise_generator), context_sigma)
-                call(ctx, context_sigma, frame)
+            refresh_chunk(denoiser, out, context, kv_cache=kv_cache, start_frame=frame, context_sigma=context_sigma,
+                          noise_generator=noise_generator, model_kwargs=kwargs)
             num_calls += 1
 
     return RolloutResult(
