@@ -4,7 +4,8 @@ Standard FVD uses I3D trained on Kinetics, whose weights cannot be fetched here 
 32x32 synthetic clips. As in MoCoGAN's motion-control score or the text-to-motion evaluators, the feature network
 is instead trained on the domain itself: ``ToyFeatureEncoder`` maps ``(B, T, 3, H, W)`` videos in [-1, 1] to
 ``(B, D)`` features (mean- and max-pooled last conv layer, standardised with real-video statistics) and is
-trained on real world videos to predict every generative factor: a multi-hot of the colours, shapes, directions of motion and background present (binary cross-entropy),
+trained on real world videos to predict every generative factor: a multi-hot of the colours, shapes, directions
+of motion and background present (binary cross-entropy),
 on random 8-frame windows whose direction labels follow the bounces, so the features carry appearance and motion.
 (A speed-regression head was tried and dropped: it stalled the classification loss at its prior.)
 
