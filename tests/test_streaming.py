@@ -1,6 +1,5 @@
 """Streaming generation: equality with the one-shot rollout, rolling length, prompt switches, streaming decode."""
 
-import importlib.util
 
 import pytest
 import torch
@@ -22,9 +21,6 @@ def _one_thread():
 
 
 SIGMAS = FlowMatchSchedule().step_sigmas([1000, 750, 500, 250])
-HAVE_WAN = importlib.util.find_spec("sfvideo.nn.wan") is not None and importlib.util.find_spec(
-    "sfvideo.nn.kv_cache") is not None
-HAVE_TOY_CODEC = importlib.util.find_spec("sfvideo.toy.encoders") is not None
 
 
 # ---------------------------------------------------------------------------------------------- mock model
@@ -201,7 +197,6 @@ def wan_noise(geo, frames, seed=1):
     return torch.randn(geo.latent_shape(1, frames), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.skipif(not HAVE_WAN, reason="sfvideo.nn.wan not available")
 @pytest.mark.parametrize("f, context_sigma", [(1, 0.0), (3, 0.0), (3, 0.05)])
 def test_stream_equals_one_shot_rollout_wan(f, context_sigma):
     model, den, geo, ctx, _ = wan_setup(train_frames=6, f=f)
@@ -215,7 +210,6 @@ def test_stream_equals_one_shot_rollout_wan(f, context_sigma):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.skipif(not HAVE_WAN, reason="sfvideo.nn.wan not available")
 def test_rolling_stream_ten_times_training_length_wan():
     f, train, sink = 2, 6, 2
     model, den, geo, ctx, _ = wan_setup(train_frames=train, f=f)
@@ -229,7 +223,6 @@ def test_rolling_stream_ten_times_training_length_wan():
     assert out[:, -f:].std() > 0.25 * out[:, :f].std()
 
 
-@pytest.mark.skipif(not HAVE_WAN, reason="sfvideo.nn.wan not available")
 @pytest.mark.parametrize("sink", [0, 2])
 def test_prompt_switch_wan(sink):
     f, n, switch = 2, 16, 10
@@ -260,7 +253,6 @@ def test_prompt_switch_wan(sink):
     assert not torch.allclose(cross_only[:, switch:], switched[:, switch:])
 
 
-@pytest.mark.skipif(not HAVE_TOY_CODEC, reason="sfvideo.toy.encoders not available")
 def test_streaming_decode_equals_full_decode_toy():
     from sfvideo.toy.encoders import ToyCodec
 
@@ -283,7 +275,6 @@ def _tiny_wan_vae():
                             latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sfvideo.nn.encoders") is None, reason="nn.encoders not available")
 def test_streaming_decode_equals_full_decode_wan_vae():
     from sfvideo.nn.encoders import WanVAECodec
 

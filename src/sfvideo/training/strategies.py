@@ -571,27 +571,27 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
         self.model = model
 
     def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
-        import deepspeed
 
         assert isinstance(model, pl.LightningModule)
         self._engines = {}
         for name in engine_module_names(model):
             net = getattr(model, name)
             if self.zero_stage_3:
-                self._engines[name] = deepspeed.initialize(
-                    args=self._ds_args(),
-                    config=self._frozen_config(),
-                    model=net,
-                    model_parameters=[],
-                    dist_init_required=False,
-                )[0]
+                self._engines[name] = self._optimizerless_engine(net)
             else:
                 net.to(self.root_device)
         self._setup_frozen(model)
         self.model = model
 
-    def _setup_frozen(self, model: pl.LightningModule) -> None:
+    def _optimizerless_engine(self, net: nn.Module) -> Any:
+        """A ZeRO-3 engine without optimizer: partitions ``net`` for forward-only use."""
         import deepspeed
+
+        return deepspeed.initialize(
+            args=self._ds_args(), config=self._frozen_config(), model=net, model_parameters=[], dist_init_required=False
+        )[0]
+
+    def _setup_frozen(self, model: pl.LightningModule) -> None:
 
         self._frozen_engines = {}
         # bf16 may come from bf16=True or from Trainer(precision="bf16-*") (Lightning fills the config).
@@ -601,13 +601,7 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
             if any(p.requires_grad for p in net.parameters()):
                 raise ValueError(f"frozen network {name!r} has parameters with requires_grad=True; freeze it first")
             if self.zero_stage_3 and self.partition_frozen:
-                self._frozen_engines[name] = deepspeed.initialize(
-                    args=self._ds_args(),
-                    config=self._frozen_config(),
-                    model=net,
-                    model_parameters=[],
-                    dist_init_required=False,
-                )[0]
+                self._frozen_engines[name] = self._optimizerless_engine(net)
             else:
                 net.to(self.root_device, dtype=torch.bfloat16 if bf16 else None)
 
