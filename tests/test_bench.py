@@ -10,14 +10,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _finite_positive(x):
     return isinstance(x, float) and math.isfinite(x) and x > 0
 

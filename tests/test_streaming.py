@@ -10,16 +10,6 @@ from sfvideo.diffusion.rollout import generate_latents
 from sfvideo.diffusion.schedule import FlowMatchSchedule
 from sfvideo.streaming import StreamStats, check_context_schedule, decode_stream, stream
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread start-up dominates and the CPU is shared; one thread is ~50x faster here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SIGMAS = FlowMatchSchedule().step_sigmas([1000, 750, 500, 250])
 
 
@@ -104,7 +94,7 @@ def test_stream_equals_one_shot_rollout_mock(f, context_sigma):
     chunks, out = run_stream(den, noise, ctx, cache(), f, context_sigma=context_sigma)
     assert [c.start_frame for c in chunks] == list(range(0, 6, f))
     assert all(c.latents.shape[1] == f for c in chunks)
-    assert torch.equal(out, ref)
+    assert torch.equal(out, ref)  # same calls on the same shapes in the same order: exact by construction
 
 
 def test_prompt_switch_mock_cross_reset_and_recache():
@@ -207,6 +197,8 @@ def test_stream_equals_one_shot_rollout_wan(f, context_sigma):
     chunks, out = run_stream(den, noise, ctx, model.new_kv_cache(1, geo.tokens_per_frame, 6), f, seed=5,
                              context_sigma=context_sigma)
     assert len(chunks) == 6 // f
+    # Exact by construction: the stream issues the rollout's model calls (same chunk shapes, same cache views, same
+    # noise draws in the same order), only the refresh is deferred; any kernel choice is the same on both sides.
     assert torch.equal(out, ref)
 
 
@@ -246,7 +238,7 @@ def test_prompt_switch_wan(sink):
         out.append(ch.latents)
     switched = torch.cat(out, 1)
     assert switched.shape == noise.shape and torch.isfinite(switched).all()
-    assert torch.equal(switched[:, :switch], base[:, :switch])
+    assert torch.equal(switched[:, :switch], base[:, :switch])  # identical calls before the switch: exact
     assert not torch.allclose(switched[:, switch:], base[:, switch:])
     # Cross reset only (no re-cache) differs from the LongLive re-cache.
     _, cross_only = run_stream(den, noise, [(0, a), (switch, b)], cache(), f, recache_on_switch=False)
@@ -262,6 +254,7 @@ def test_streaming_decode_equals_full_decode_toy():
     chunks = list(stream(den, noise, ctx, step_sigmas=SIGMAS, frames_per_chunk=2, kv_cache=cache()))
     decoded = list(decode_stream(chunks, codec.stream_decoder()))
     full = codec.decode(torch.cat([c.latents for c in chunks], 1))
+    # The toy codec is a permutation plus elementwise scale/shift (each element rounded once, whatever the shape).
     assert torch.equal(torch.cat([d.frames for d in decoded], 1), full)
     assert all(d.decode_s >= 0 for d in decoded)
 
@@ -284,7 +277,8 @@ def test_streaming_decode_equals_full_decode_wan_vae():
     chunks = [dec.decode_chunk(latents[:, i : i + 2]) for i in range(0, 6, 2)]
     assert [c.shape[1] for c in chunks] == [1 + 4 * 1, 8, 8]
     full = codec.decode(latents)
-    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+    # Different temporal lengths, different conv kernels: equal to fp32 rounding (see tests/nn/test_encoders.py).
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=0, atol=1e-5)
 
 
 def test_chunk_is_yielded_before_its_refresh():

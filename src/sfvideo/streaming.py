@@ -6,7 +6,8 @@ absolute ``start_frame`` (the rollout's own loop: steps along the trained list, 
 with ``refresh_last=False``: the chunk is yielded as soon as its last step is done, and its clean cache refresh
 (:func:`refresh`, the rollout's step 3: same call, same random draws in the same order) runs when the consumer asks
 for the next chunk, so the first chunk arrives one forward earlier. For the same noise and noise generator the
-concatenated stream equals a single ``generate_latents`` call bit for bit.
+concatenated stream equals a single ``generate_latents`` call bit for bit (the same model calls on the same
+shapes in the same order, so the same kernels run).
 
 Length is unbounded by the training window: the KV cache rolls (``window_frames`` recent frames plus
 ``sink_frames`` first frames, keys cached before RoPE; see ``sfvideo.nn.kv_cache``).

@@ -27,15 +27,6 @@ except Exception:  # noqa: BLE001 - nn/wan.py may not exist yet or may be mid-ed
     MODEL_CLS = WanTransformer3DModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs/matmuls on a shared 2-core box: OpenMP spin-waiting under contention costs 50x; use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=2,
@@ -111,7 +102,7 @@ def assert_same_model(loaded, model, inputs, expected_out):
     assert ref_sd.keys() == got_sd.keys()
     for k in ref_sd:
         assert torch.equal(ref_sd[k], got_sd[k]), k
-    torch.testing.assert_close(forward(loaded, *inputs), expected_out, rtol=0, atol=0)
+    torch.testing.assert_close(forward(loaded, *inputs), expected_out, rtol=0, atol=0)  # same weights and shapes
 
 
 def test_inverse_mapping_inverts_diffusers_converter(reference):

@@ -21,16 +21,6 @@ from sfvideo.nn.encoders import (
 )
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs/matmuls on a shared 2-core box: OpenMP spin-waiting under contention costs 50x; use one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TEXT_LEN = 8
 WORDS = "a cat dog runs on the beach at sunset bright tones overexposed static blurry".split()
 
@@ -86,10 +76,12 @@ def test_encode_zeroes_padding_and_matches_masked_reference(text_encoder: UMT5Te
     tok = text_encoder.tokenizer(prompts, padding="max_length", max_length=TEXT_LEN, return_tensors="pt")
     with torch.no_grad():
         ref = text_encoder.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+    # Same tokens, mask and batch shape as our encoder's own call: exact.
     torch.testing.assert_close(emb[0, :3], ref[0, :3], rtol=0, atol=0)
     torch.testing.assert_close(emb[1, :6], ref[1, :6], rtol=0, atol=0)
     assert ref[0, 3:].abs().sum() > 0  # the model's own padding rows are not zero: zeroing is ours
     # Masking makes a prompt's embedding independent of its batch neighbours; cleaning collapses whitespace.
+    # Batch of 1 vs 2: different GEMM shapes, so fp32 rounding (assert_close's default tolerance), not exact.
     torch.testing.assert_close(text_encoder.encode(["  a \t cat  "])[0], emb[0])
     assert not emb.requires_grad
 
@@ -213,8 +205,16 @@ def test_codec_geometry(codec: WanVAECodec):
         codec.num_latent_frames(80)
 
 
+# Streaming and full decodes run the same convolutions on inputs of different temporal length, and oneDNN picks
+# kernels (and reduction orders) by shape, thread count and CPU: they agree to fp32 rounding, not bit for bit
+# (seen: 3e-6 on AMD EPYC with 1 thread). Bound: outputs are O(1); each of the decoder's ~15 sequential convolutions
+# (reductions of <= 27 * 32 products) adds a few ulps (2^-23 ~ 1.2e-7) of relative error, so 1e-5 (~80 ulps) covers
+# any summation order, while a wrong cache (below) moves frames by > 1e-2.
+VAE_FP32_ATOL = 1e-5
+
+
 @pytest.mark.parametrize("chunks", [[2, 2, 1], [1, 3, 1]])
-def test_stream_decode_is_bit_identical_to_full_decode(codec: WanVAECodec, chunks: list[int]):
+def test_stream_decode_equals_full_decode_to_fp32_rounding(codec: WanVAECodec, chunks: list[int]):
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, sum(chunks), Z_DIM, 2, 2, generator=g)
     full = codec.decode(latents)
@@ -230,12 +230,12 @@ def test_stream_decode_is_bit_identical_to_full_decode(codec: WanVAECodec, chunk
         start += n
     expected_lengths = [codec.num_pixel_frames(chunks[0])] + [codec.temporal_stride * n for n in chunks[1:]]
     assert [p.shape[1] for p in pieces] == expected_lengths
-    assert torch.equal(torch.cat(pieces, dim=1), full)
-    assert torch.equal(torch.cat(other_pieces, dim=1), codec.decode(other_latents))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=VAE_FP32_ATOL)
+    torch.testing.assert_close(torch.cat(other_pieces, dim=1), codec.decode(other_latents), rtol=0, atol=VAE_FP32_ATOL)
 
     # Without the carried cache (a fresh decoder for the last chunk) the last frame differs: the cache matters.
     fresh = codec.stream_decoder().decode_chunk(latents[:, -chunks[-1] :])
-    assert not torch.equal(fresh[:, -1], full[:, -1])
+    assert (fresh[:, -1] - full[:, -1]).abs().max() > 1000 * VAE_FP32_ATOL
 
 
 def test_normalisation(codec: WanVAECodec):

@@ -63,6 +63,7 @@ def test_per_frame_timesteps_equal_per_sample():
         t_varied = t[:, None].repeat(1, 4)
         t_varied[:, 2] = 10.0
         c = model(x, t_varied, ctx)
+    # (B,) timesteps are expanded to (B, F) before the time MLP, so both calls run the same shapes: exact.
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(a, c)  # per-frame timesteps really act per frame
     # Modulation is per frame: frame 2's new timestep changes frame 2's adaLN; bidirectional attention spreads it.
@@ -78,6 +79,7 @@ def test_block_causal_chunks_do_not_see_the_future():
         a = model(x, t, ctx, attention="block_causal", frames_per_chunk=2)
         b = model(x2, t, ctx, attention="block_causal", frames_per_chunk=2)
         bi = model(x, t, ctx)
+    # Same shapes and kernels; the changed frames enter earlier queries only through masked (zero-weight) keys.
     torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=0)
     assert not torch.allclose(a[:, 4:], b[:, 4:])
     assert not torch.allclose(a[:, :4], bi[:, :4])  # the mask is in effect
@@ -96,7 +98,7 @@ def test_window_mask_limits_keys_to_the_last_frames():
     with torch.no_grad():
         a = model(x, t, ctx, attention="block_causal", frames_per_chunk=2, window_frames=4)
         b = model(x2, t, ctx, attention="block_causal", frames_per_chunk=2, window_frames=4)
-    torch.testing.assert_close(a[:, 4:], b[:, 4:], rtol=0, atol=0)
+    torch.testing.assert_close(a[:, 4:], b[:, 4:], rtol=0, atol=0)  # masked keys only, same shapes: exact
     assert not torch.allclose(a[:, 2:4], b[:, 2:4])
 
 
@@ -123,6 +125,7 @@ def test_teacher_forcing_mask_semantics():
     earlier_noisy[:, :2] += 1.0
     own_clean[:, 2:4] += 1.0
     chunk = slice(2, 4)
+    # Every run has the same shapes; the changed tokens reach the chunk only through masked keys: exact.
     torch.testing.assert_close(run(x, later_clean)[:, chunk], base[:, chunk], rtol=0, atol=0)
     torch.testing.assert_close(run(later_noisy, clean)[:, chunk], base[:, chunk], rtol=0, atol=0)
     # Noisy chunk b does not see noisy chunks < b, nor its own clean copy.
@@ -143,8 +146,8 @@ def test_teacher_forcing_clean_timestep_default_is_zero():
                   clean_timestep=torch.zeros(2))  # fmt: skip
         c = model(x, t, ctx, attention="teacher_forcing", frames_per_chunk=2, clean_x=clean,
                   clean_timestep=torch.full((2,), 500.0))  # fmt: skip
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    torch.testing.assert_close(a[:, :2], c[:, :2], rtol=0, atol=0)  # chunk 0 sees no clean tokens
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # the default is the same zeros tensor: same computation
+    torch.testing.assert_close(a[:, :2], c[:, :2], rtol=0, atol=0)  # chunk 0 sees no clean tokens (masked)
     assert not torch.allclose(a[:, 2:], c[:, 2:])
 
 
@@ -167,7 +170,7 @@ def test_gradient_checkpointing_matches(mode):
     model.enable_gradient_checkpointing()
     out_b, grads_b = run()
     model.disable_gradient_checkpointing()
-    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)  # checkpointing reruns the same forward: exact
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
 
@@ -193,7 +196,7 @@ def test_save_load_roundtrip_and_diffusers_folder(tmp_path):
         expected = model(x, t, ctx)
     model.save_pretrained(tmp_path / "ours")
     loaded = WanTransformer.from_pretrained(tmp_path / "ours").eval()
-    with torch.no_grad():
+    with torch.no_grad():  # same weights, inputs and shapes: exact
         torch.testing.assert_close(loaded(x, t, ctx), expected, rtol=0, atol=0)
     # A diffusers `transformer/` folder loads into ours, and ours into diffusers.
     ref = WanTransformer3DModel(**FLAVORS["debug"])

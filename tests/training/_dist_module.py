@@ -325,7 +325,8 @@ def main() -> None:
         "and module resume from ckpt_path='last' up to --max-steps (0: one uninterrupted fit)",
     )
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    # Each rank is a process of its own: the suite's per-process thread count (tests/conftest.py).
+    torch.set_num_threads(int(os.environ.get("SFVIDEO_TEST_THREADS", "1")))
     # Several strategies run one after the other in the same processes (the process group is reused), which
     # saves the start-up of a launch per strategy.
     for strategy in args.strategy.split(","):

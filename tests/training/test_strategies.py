@@ -115,6 +115,8 @@ def distributed_runs(tmp_path_factory) -> tuple[dict[str, list[dict]], Path]:
 
 
 def _assert_same_on_ranks(results: list[dict]) -> None:
+    # Data parallelism: every rank applies the same all-reduced update to the same weights with the same kernels,
+    # so ranks agree exactly (a mismatch means a desynchronised update, not rounding).
     for name in NETWORKS:
         for key, value in results[0]["params"][name].items():
             torch.testing.assert_close(results[1]["params"][name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")

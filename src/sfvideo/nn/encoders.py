@@ -4,7 +4,8 @@
   output rows beyond each prompt's true length set to zero instead of passing a mask downstream).
 * :class:`WanVAECodec` implements ``VideoCodec`` over diffusers' ``AutoencoderKLWan``: per-channel latent
   normalisation ``(z - mean) / std`` from the VAE config, our ``(B, F, C, h, w)`` layout, and
-  :class:`WanVAEStreamDecoder`, a chunk-by-chunk decoder whose concatenated output is bit-identical to a full decode.
+  :class:`WanVAEStreamDecoder`, a chunk-by-chunk decoder whose concatenated output equals a full decode to fp32
+  rounding.
 * :func:`precompute_prompt_embeddings` / :func:`load_prompt_embeddings`: prompt files encoded once to disk.
 
 Both encoders are plain objects, not ``nn.Module`` attributes of a LightningModule, on purpose: Lightning would
@@ -412,7 +413,8 @@ class WanVAEStreamDecoder(StreamDecoder):
     Drives ``vae.post_quant_conv`` and ``vae.decoder(x, feat_cache=..., feat_idx=..., first_chunk=...)`` one
     latent frame at a time, exactly as diffusers' ``AutoencoderKLWan._decode`` does over a whole video, but with the
     cache held here instead of on the VAE, so several streams can decode with one VAE. Concatenating the outputs of
-    successive :meth:`decode_chunk` calls equals ``WanVAECodec.decode`` of the concatenated latents bit for bit.
+    successive :meth:`decode_chunk` calls equals ``WanVAECodec.decode`` of the concatenated latents to fp32 rounding
+    (the same convolutions on inputs of other temporal lengths, so other kernels: not bit for bit in general).
     The first latent frame yields 1 pixel frame, every later one ``temporal_stride`` frames.
     """
 

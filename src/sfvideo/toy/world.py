@@ -31,8 +31,9 @@ Rendering: per-pixel coverage of the shape (``antialias`` x ``antialias`` supers
 Shapes (s = ``object_size``): square = the box; circle = disc of diameter s; triangle = isosceles, apex up,
 base s at the bottom edge of the box, height s.
 
-Determinism: ``render(attrs, seed)`` draws everything from ``torch.Generator().manual_seed(seed)``, so the same
-seed gives a bit-identical tensor on any machine (CPU float32 arithmetic only).
+Determinism: ``render(attrs, seed)`` draws everything from ``torch.Generator().manual_seed(seed)`` (CPU float32
+arithmetic only), so the same seed gives the same scene everywhere: bit-identical on the same machine and thread
+count, equal to fp32 rounding across machines (vectorised reductions depend on the instruction set).
 
 Held-out split: the (colour, shape) pairs in ``HELDOUT_PAIRS`` never occur in ``train_prompts()`` (every colour and
 every shape still does); a two-object scene is held out if either object is.
