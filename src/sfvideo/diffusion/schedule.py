@@ -131,6 +131,36 @@ class FlowMatchSchedule:
         """Wan timesteps of the grid, ``N sigma'`` ``(N,)``, from 1000 downwards."""
         return self.sigmas(torch.float64).mul(self.num_train_timesteps).to(dtype)
 
+    def training_weights(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Flow-matching loss weight of every grid point ``(N,)``, aligned with :meth:`sigmas` (mean exactly 1).
+
+        The official ``FlowMatchScheduler.set_timesteps(N, training=True)`` (``utils/scheduler.py``) bump over the
+        grid timesteps ``t_i = N sigma'_i``:
+
+            y_i = exp(-2 ((t_i - N / 2) / N)^2),    w_i = (y_i - min_j y_j) N / sum_j (y_j - min_j y_j),
+
+        so the weight peaks at ``t = N / 2``, vanishes at the grid's lowest bump value (``t = N``, pure noise, for
+        any shift >= 1) and averages 1 over the grid. (Officially ``N`` here is the grid size passed to
+        ``set_timesteps``, 1000, equal to ``num_train_timesteps``.) Computed in float64; the official float32
+        grid differs by float32 rounding only.
+        """
+        n = self.num_train_timesteps
+        t = self.timesteps(torch.float64)
+        y = torch.exp(-2.0 * ((t - n / 2) / n) ** 2)
+        y = y - y.min()
+        return (y * (n / y.sum())).to(dtype)
+
+    def grid_index(self, sigma: Tensor) -> Tensor:
+        """Index (long, shape of ``sigma``) of the grid point nearest to each sigma (ties: the noisier point), the
+        official ``argmin |timesteps - t|`` lookup of ``add_noise``/``training_weight``."""
+        grid = self.sigmas(torch.float64).to(sigma.device)
+        return (grid.reshape(*([1] * sigma.ndim), -1) - sigma.to(torch.float64).unsqueeze(-1)).abs().argmin(dim=-1)
+
+    def training_weight(self, sigma: Tensor) -> Tensor:
+        """Loss weight (:meth:`training_weights`) of the grid point nearest to each sigma; shape of ``sigma``, fp32
+        (official ``FlowMatchScheduler.training_weight``)."""
+        return self.training_weights(torch.float64).to(sigma.device)[self.grid_index(sigma)].to(torch.float32)
+
     def warp(self, steps: Sequence[int], dtype: torch.dtype = torch.float64) -> Tensor:
         """Warp a uniform few-step list onto the shifted grid (notes §3.1).
 

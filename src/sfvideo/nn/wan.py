@@ -419,6 +419,12 @@ class WanTransformer(ModelMixin, ConfigMixin):
             device=device,
         )
 
+    def time_embedding(self, timestep: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        """Per-frame time embedding ``temb (B, F, D)`` fp32 (Wan's ``e`` before the modulation projection), for
+        ``timestep`` ``(B,)`` or ``(B, F)`` on the 0..1000 scale; the GAN head may concatenate it (official
+        ``concat_time_embeddings``)."""
+        return self.condition_embedder.time(self._frame_timesteps(timestep, batch, frames, "timestep"))[0]
+
     # -- helpers -------------------------------------------------------------------------------------------------
 
     def _frame_timesteps(self, timestep: torch.Tensor, batch: int, frames: int, name: str) -> torch.Tensor:
@@ -462,7 +468,8 @@ class WanTransformer(ModelMixin, ConfigMixin):
         clean_timestep: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_frame: int = 0,
-    ) -> torch.Tensor:
+        return_block_features: tuple[int, ...] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Flow prediction for a latent video or chunk.
 
         Args:
@@ -479,9 +486,15 @@ class WanTransformer(ModelMixin, ConfigMixin):
             clean_timestep: ``(B,)`` or ``(B, F)`` timestep of ``clean_x`` (default 0).
             kv_cache: Streaming cache; ``x`` is one chunk starting at absolute stream frame ``start_frame``.
             start_frame: Absolute frame of ``x[:, 0]`` in the stream (``kv_cache`` only).
+            return_block_features: 0-based indices of blocks whose output hidden states to return as well (the GAN
+                discriminator's features, ``sfvideo.nn.discriminator``; official ``wan/modules/model.py::_forward``
+                with ``classify_mode`` reads blocks 13, 21, 29 of the 30-block 1.3B). ``None`` (default) returns the
+                flow alone and costs nothing.
 
         Returns:
-            ``(B, F, C_out, H, W)`` flow prediction, in ``x.dtype``.
+            ``(B, F, C_out, H, W)`` flow prediction, in ``x.dtype``; with ``return_block_features`` the pair
+            ``(flow, features)``, ``features[i]`` the tokens ``(B, F * h * w, D)`` after block
+            ``return_block_features[i]`` in the activation dtype (with ``teacher_forcing``: the noisy half only).
         """
         if x.ndim != 5:
             raise ValueError(f"x must be (B, F, C, H, W), got shape {tuple(x.shape)}")
@@ -497,6 +510,13 @@ class WanTransformer(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"context must be ({batch}, L_text, {self.config.text_dim}), got shape {tuple(context.shape)}"
             )
+        if return_block_features is not None:
+            bad = [i for i in return_block_features if not 0 <= int(i) < self.config.num_layers]
+            if bad or len(return_block_features) == 0:
+                raise ValueError(
+                    f"return_block_features={tuple(return_block_features)}: need block indices in "
+                    f"[0, {self.config.num_layers}) (num_layers={self.config.num_layers})"
+                )
         grid_h, grid_w = height // p_h, width // p_w
         tpf = grid_h * grid_w
         head_dim = self.config.attention_head_dim
@@ -568,12 +588,17 @@ class WanTransformer(ModelMixin, ConfigMixin):
         text = None if use_cross_cache else self.condition_embedder.text_embedder(context.to(tokens.dtype))
 
         # 4. Transformer blocks (optionally checkpointed; cache writes are idempotent under recompute).
+        two_halves = attention == "teacher_forcing" and kv_cache is None
+        wanted = frozenset(int(i) for i in return_block_features) if return_block_features is not None else ()
+        features: dict[int, torch.Tensor] = {}
         for layer, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, tokens, text, e0, plan, layer, kv_cache)
             else:
                 tokens = block(tokens, text, e0, plan, layer, kv_cache)
-        if attention == "teacher_forcing" and kv_cache is None:
+            if layer in wanted:
+                features[layer] = tokens[:, num_tokens:] if two_halves else tokens
+        if two_halves:
             tokens = tokens[:, num_tokens:]  # only the noisy half goes to the head
 
         # 5. Head: per-frame shift/scale from temb, projection, unpatchify.
@@ -583,7 +608,9 @@ class WanTransformer(ModelMixin, ConfigMixin):
         # (B, F, h, w, p_t, p_h, p_w, C) -> (B, F, p_t, C, h, p_h, w, p_w) -> (B, F, C, H, W)  (p_t = 1)
         out = out.reshape(batch, frames, grid_h, grid_w, 1, p_h, p_w, -1)
         out = out.permute(0, 1, 4, 7, 2, 5, 3, 6).reshape(batch, frames, -1, height, width)
-        return out.to(x.dtype)
+        if return_block_features is None:
+            return out.to(x.dtype)
+        return out.to(x.dtype), tuple(features[int(i)] for i in return_block_features)
 
 
 __all__ = ["ATTENTION_MODES", "BACKENDS", "FLAVORS", "FP32_MODULES", "KVCache", "WanTransformer"]
