@@ -332,3 +332,20 @@ def test_jpeg_frames_match_the_decoded_video(generator):
     decoded = np.asarray(Image.open(io.BytesIO(encode_jpeg(frame, 90))))
     assert decoded.shape == frame.shape
     assert np.abs(decoded.astype(int) - frame.astype(int)).mean() < 12
+
+
+def test_a_stream_stops_at_its_length_limit(make_server):
+    server = make_server(pace="max", fps=16, max_stream_s=0.25)  # 4 frames: two chunks of 2
+
+    async def scenario():
+        async with aiohttp.ClientSession() as http:
+            ws, _ = await _connect(http, server)
+            await ws.send_json({"type": "start", "prompt": PROMPT_A})
+            chunks = []
+            stopped = await _json(ws, "stopped", chunks=chunks)
+            await ws.close()
+            return chunks, stopped
+
+    chunks, stopped = _run(scenario())
+    assert stopped["reason"].startswith("length limit") and stopped["frames"] == 4
+    assert [c["index"] for c in chunks] == [0, 1]
