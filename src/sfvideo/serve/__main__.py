@@ -1,0 +1,3 @@
+from sfvideo.serve.command import main
+
+main()
