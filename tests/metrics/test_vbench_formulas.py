@@ -167,3 +167,42 @@ def test_preprocess_sizes_follow_torchvision():
     # CenterCrop: top = round((H - n) / 2) with Python's round (banker's at .5)
     x = torch.arange(7 * 7).view(1, 1, 7, 7)
     assert P.center_crop(x, 4)[0, 0, 0, 0] == 2 * 7 + 2  # (7 - 4) / 2 = 1.5 rounds to 2
+
+
+class _MeanLevel(torch.nn.Module):
+    """Stands in for MUSIQ: 100 x the mean of the [0, 1] input; records the input sizes it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(x.shape))
+        return x.mean() * 100
+
+
+def test_imaging_quality_pipeline():
+    # frames at levels 51 and 102 -> MUSIQ stand-in 20 and 40 -> /100 -> 0.2, 0.4; one frame per call, longer side
+    # brought to 512 (600x900 -> 341x512).
+    musiq = _MeanLevel()
+    models = VBenchModels(musiq=musiq, dimensions=("imaging_quality",), missing={})
+    video = uniform_video([51, 102, 51, 102], h=600, w=900)
+    s = VideoScorer(models).score(video, fps=8).dimensions["imaging_quality"]
+    assert s.curve == pytest.approx([0.2, 0.4, 0.2, 0.4], abs=1e-6)
+    assert s.value == pytest.approx(0.3, abs=1e-6)
+    assert musiq.sizes == [(1, 3, 341, 512)] * 4  # int(600 * 512 / 900) = 341
+
+
+class _SmallFrameRaft(torch.nn.Module):
+    def forward(self, x0, x1, num_flow_updates=12):
+        raise ValueError("Feature maps are too small to be down-sampled by the correlation pyramid.")
+
+
+def test_flow_model_refusal_is_reported_not_raised():
+    metric = VBenchMetric(_models(raft=_SmallFrameRaft()), fps=8, max_frames=6)
+    metric.update(uniform_video([5] * 6).unsqueeze(0))
+    r = metric.compute()
+    assert r["dimensions"]["dynamic_degree"] is None
+    assert "too small" in r["missing"]["dynamic_degree"] and r["dimensions"]["temporal_flickering"] == 1.0
+    metric.reset()
+    assert metric.skipped == {}

@@ -145,3 +145,24 @@ def test_hub_ids_need_the_prefix(tmp_path, monkeypatch):
     assert "no such file or folder" in m.missing["subject_consistency"]
     assert "hf:owner/name" in m.missing["subject_consistency"]
     assert "--clip_b32 hf:openai/clip-vit-base-patch32: cannot" in m.missing["background_consistency"]
+
+
+def test_raft_path_with_torchvision(tmp_path):
+    """Where torchvision imports (not in this project's CPU venv): a torchvision ``raft_large`` state dict loads
+    through ``--raft`` and the dynamic degree uses its final flow (20 updates) on padded frames in [-1, 1]."""
+    optical_flow = pytest.importorskip("torchvision.models.optical_flow")
+    from vbench_fixtures import rolled_texture
+
+    from sfvideo.metrics.vbench import formulas as Fm
+
+    torch.manual_seed(0)
+    torch.save(optical_flow.raft_large(weights=None, progress=False).state_dict(), tmp_path / "raft.pth")
+    models = VBenchModels.load(VBenchModelPaths(raft=str(tmp_path / "raft.pth")), dimensions=("dynamic_degree",))
+    assert not models.missing
+    video = rolled_texture(5, 2, h=124, w=124)  # padded to 128, the smallest RAFT input
+    s = VideoScorer(models).score(video, fps=8).dimensions["dynamic_degree"]
+    x = P.pad_to_multiple(video.float(), 8) / 127.5 - 1
+    with torch.no_grad():
+        flows = models.raft(x[:-1], x[1:], num_flow_updates=20)[-1]
+    thres = Fm.dynamic_params(124, 124, 5)[0]
+    assert s.curve == pytest.approx([Fm.top_flow_magnitude(f) / thres for f in flows], rel=1e-4)

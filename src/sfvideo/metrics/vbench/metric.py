@@ -86,6 +86,7 @@ class VBenchMetric(Metric):
         self.max_clips = max(1, math.ceil(max_frames / max(1, self.clip_frames)))
         self.gaps = list(gaps)
         self.horizon_frames = horizon_frames
+        self.skipped: dict[str, str] = {}  # dimension -> a reason some video could not be scored (not a state)
         f64 = torch.float64
 
         def add(name: str, shape: tuple[int, ...] = ()) -> None:
@@ -118,8 +119,14 @@ class VBenchMetric(Metric):
         for vs in batch:
             self._add(vs)
 
+    def reset(self) -> None:  # noqa: D102
+        super().reset()
+        self.skipped = {}
+
     def _add(self, vs: VideoScores) -> None:
         self.videos += 1
+        for d, why in vs.skipped.items():
+            self.skipped.setdefault(d, f"{vs.name or 'a video'}: {why}")
         for d, s in vs.dimensions.items():
             if d not in self.dims:
                 continue
@@ -171,7 +178,9 @@ class VBenchMetric(Metric):
                 drift[d]["beyond_minus_within_horizon"] = (
                     float(v[~inside].mean() - v[inside].mean()) if inside.any() and (~inside).any() else None)
         missing = dict(self.models.missing or {})
-        missing.update({d: "no video was scored for this dimension" for d, v in dims.items() if v is None})
+        missing.update({d: "no video was scored for this dimension" + (f" ({self.skipped[d]})" if d in self.skipped
+                                                                         else "")
+                        for d, v in dims.items() if v is None})
         missing.update({d: SEMANTIC_MISSING for d in SEMANTIC_DIMENSIONS})
         coherence = {}
         for k in COHERENCE_FEATURES:
@@ -183,6 +192,7 @@ class VBenchMetric(Metric):
         scores = {d: v for d, v in dims.items() if v is not None}
         return {
             "videos": int(self.videos),
+            "skipped": dict(self.skipped),
             "fps": self.fps,
             "clip_seconds": self.clip_seconds,
             "horizon_frames": self.horizon_frames,

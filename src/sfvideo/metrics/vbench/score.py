@@ -62,6 +62,8 @@ class VideoScores:
     gaps: list[int]
     coherence: dict[str, list[tuple[float, int]]]
     """Feature space -> per gap ``(sum of cosines, number of pairs)``."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Dimension -> why it could not be computed on this video (e.g. frames too small for RAFT)."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -70,6 +72,7 @@ class VideoScores:
             "dimensions": {d: {"value": s.value, "segments": s.segments} for d, s in self.dimensions.items()},
             "coherence": {k: {str(g): (t / n if n else None) for g, (t, n) in zip(self.gaps, v, strict=True)}
                           for k, v in self.coherence.items()},
+            "skipped": self.skipped,
         }
 
 
@@ -140,10 +143,14 @@ class VideoScorer:
             out["imaging_quality"] = self._per_frame(self._musiq(frames) / 100.0, clips)
         if "motion_smoothness" in dims:
             out["motion_smoothness"] = self._motion_smoothness(frames, clips)
+        skipped: dict[str, str] = {}
         if "dynamic_degree" in dims:
-            out["dynamic_degree"] = self._dynamic_degree(frames, fps, clips)
+            try:
+                out["dynamic_degree"] = self._dynamic_degree(frames, fps, clips)
+            except ValueError as e:  # torchvision's RAFT refuses frames under 128 px (its correlation pyramid)
+                skipped["dynamic_degree"] = f"RAFT: {str(e).splitlines()[0][:200]}"
         coherence = {k: Fm.gap_similarity(f, self.gaps) for k, f in feats.items()}
-        return VideoScores(name, t, float(fps), h, w, clips, out, self.gaps, coherence)
+        return VideoScores(name, t, float(fps), h, w, clips, out, self.gaps, coherence, skipped)
 
     # -------------------------------------------------------------- dimensions
     @staticmethod
