@@ -166,3 +166,18 @@ def test_raft_path_with_torchvision(tmp_path):
         flows = models.raft(x[:-1], x[1:], num_flow_updates=20)[-1]
     thres = Fm.dynamic_params(124, 124, 5)[0]
     assert s.curve == pytest.approx([Fm.top_flow_magnitude(f) / thres for f in flows], rel=1e-4)
+
+
+def test_musiq_path_with_pyiqa(tmp_path):
+    """Where pyiqa imports (not in this project's venv): a MUSIQ state dict (random weights, pyiqa's default
+    architecture) loads through ``--musiq`` as VBench builds it, and imaging quality is the per-frame MUSIQ / 100."""
+    musiq_arch = pytest.importorskip("pyiqa.archs.musiq_arch")
+    torch.manual_seed(0)
+    torch.save(musiq_arch.MUSIQ(pretrained=False).state_dict(), tmp_path / "musiq.pth")
+    models = VBenchModels.load(VBenchModelPaths(musiq=str(tmp_path / "musiq.pth")), dimensions=("imaging_quality",))
+    assert not models.missing
+    video = torch.randint(0, 256, (3, 3, 96, 128), dtype=torch.uint8)
+    s = VideoScorer(models).score(video, fps=8).dimensions["imaging_quality"]
+    with torch.no_grad():
+        want = [float(models.musiq(video[i : i + 1].float() / 255)) / 100 for i in range(3)]
+    assert s.curve == pytest.approx(want, rel=1e-5)
