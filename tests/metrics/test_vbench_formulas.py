@@ -206,3 +206,27 @@ def test_flow_model_refusal_is_reported_not_raised():
     assert "too small" in r["missing"]["dynamic_degree"] and r["dimensions"]["temporal_flickering"] == 1.0
     metric.reset()
     assert metric.skipped == {}
+
+
+@pytest.mark.parametrize("hw", [(480, 832), (250, 251), (600, 300), (224, 224)])
+def test_preprocess_matches_torchvision(hw):
+    """Against the torchvision transforms VBench composes (``vbench/utils.py`` clip/dino_transform,
+    ``vbench/imaging_quality.py`` transform); skipped where torchvision does not import (this project's venv)."""
+    T = pytest.importorskip("torchvision.transforms")
+    from torchvision.transforms import InterpolationMode
+
+    frames = torch.randint(0, 256, (2, 3, *hw), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x = frames.float()  # VBench's load_video: torch.Tensor(frames)
+    clip = T.Compose([T.Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=False), T.CenterCrop(224),
+                      T.Lambda(lambda v: v.float().div(255.0)), T.Normalize(P.CLIP_MEAN, P.CLIP_STD)])
+    dino = T.Compose([T.Resize(size=224, antialias=False), T.Lambda(lambda v: v.float().div(255.0)),
+                      T.Normalize(P.IMAGENET_MEAN, P.IMAGENET_STD)])
+    h, w = hw
+    musiq = x
+    if max(h, w) > 512:
+        s = 512.0 / max(h, w)
+        musiq = T.Resize(size=(int(s * h), int(s * w)), antialias=False)(x)
+    # same interpolation kernels on the same shapes: equal up to float32 rounding
+    assert torch.allclose(P.clip_transform(frames), clip(x), atol=1e-5)
+    assert torch.allclose(P.dino_transform(frames), dino(x), atol=1e-5)
+    assert torch.allclose(P.musiq_transform(frames), musiq / 255.0, atol=1e-6)
