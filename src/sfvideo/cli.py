@@ -85,6 +85,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "encode-prompts": (_lazy("sfvideo.nn.encoders", "encode_prompts_main"), "Precompute prompt embeddings."),
     "memory": (_lazy("sfvideo.training.memory"), "Per-GPU memory plan of a configuration."),
     "serve": (_lazy("sfvideo.serve.command"), "A local web page streaming a generator live, with prompt switching."),
+    "evaluate": (_lazy("sfvideo.evaluate"), "VBench quality dimensions, curves over time and a report."),
     "demo": (_lazy("sfvideo.demo"), "The embedded toy-world job: teacher -> Self Forcing -> samples -> metrics."),
 }
 

@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from sfvideo.metrics.vbench.models import VBenchModelPaths
+
 
 class SampleEvaluator(L.Callback):
     """Every ``every_n_generator_steps`` generator updates (and at the end of training): generate videos for a fixed
@@ -20,7 +22,10 @@ class SampleEvaluator(L.Callback):
         prompts: the fixed prompt set; default = 4 training and 4 held-out toy-world prompts.
         seed: noise seed (the same videos every evaluation, so progress is comparable).
         use_ema: evaluate the generator's EMA once it exists.
-        write_videos: write mp4s and contact sheets (metrics are logged either way).
+        write_videos: write mp4s and contact sheets, and log the videos to TensorBoard as GIFs (metrics are logged
+            either way).
+        vbench: VBench model files; when given, the VBench quality dimensions, their per-clip drift and coherence
+            (``vbench/*``, ``sfvideo.metrics.vbench.training``) are logged too; absent models are reported missing.
     """
 
     def __init__(
@@ -30,6 +35,7 @@ class SampleEvaluator(L.Callback):
         seed: int = 1234,
         use_ema: bool = False,
         write_videos: bool = True,
+        vbench: VBenchModelPaths | None = None,
     ) -> None:
         super().__init__()
         if every_n_generator_steps < 0:
@@ -40,6 +46,11 @@ class SampleEvaluator(L.Callback):
         self.use_ema = use_ema
         self.write_videos = write_videos
         self._last_step = -1
+        self.vbench = None
+        if vbench is not None:
+            from sfvideo.metrics.vbench.training import VBenchSampleLogger
+
+            self.vbench = VBenchSampleLogger(vbench)
 
     def _prompts(self) -> list[str]:
         if self.prompts:
@@ -87,6 +98,8 @@ class SampleEvaluator(L.Callback):
         if scores:
             for logger in trainer.loggers:
                 logger.log_metrics(scores, step=trainer.global_step)
+        if self.vbench is not None:
+            scores.update(self.vbench(trainer, video, device=module.device))
         if self.write_videos:
             self._write(trainer, video, prompts, step)
         return scores
@@ -105,3 +118,6 @@ class SampleEvaluator(L.Callback):
             if hasattr(experiment, "add_image"):
                 sheet = torch.from_numpy(contact_sheet(video, columns=video.shape[1]))
                 experiment.add_image("samples/contact_sheet", sheet, global_step=trainer.global_step, dataformats="HWC")
+        from sfvideo.metrics.vbench.training import log_sample_videos
+
+        log_sample_videos(trainer, video)
