@@ -276,7 +276,7 @@ def _tiny_wan_vae():
 
 
 def test_streaming_decode_equals_full_decode_wan_vae():
-    from sfvideo.nn.encoders import WanVAECodec
+    from sfvideo.nn.wan_vae import WanVAECodec
 
     codec = WanVAECodec(_tiny_wan_vae())
     latents = torch.randn(1, 6, codec.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -119,8 +119,8 @@ def build_models(cfg: BenchConfig, seed: int = 0) -> tuple[torch.nn.Module, Any,
     from diffusers import AutoencoderKLWan
 
     from sfvideo.generate import cast_model
-    from sfvideo.nn.encoders import WanVAECodec
     from sfvideo.nn.wan import WanTransformer
+    from sfvideo.nn.wan_vae import WanVAECodec
 
     device, dtype = torch.device(cfg.device), _dtype(cfg.dtype)
     torch.manual_seed(seed)

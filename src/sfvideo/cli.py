@@ -82,7 +82,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "generate": (_lazy("sfvideo.generate"), "Stream a video from a trained generator."),
     "bench": (_lazy("sfvideo.bench"), "Benchmarks: print a table and write JSON."),
     "export": (_lazy("sfvideo.export"), "Export a generator (or its EMA) as a diffusers folder."),
-    "encode-prompts": (_lazy("sfvideo.nn.encoders", "encode_prompts_main"), "Precompute prompt embeddings."),
+    "encode-prompts": (_lazy("sfvideo.encode_prompts"), "Precompute prompt embeddings."),
     "memory": (_lazy("sfvideo.training.memory"), "Per-GPU memory plan of a configuration."),
     "demo": (_lazy("sfvideo.demo"), "The embedded toy-world job: teacher -> Self Forcing -> samples -> metrics."),
 }

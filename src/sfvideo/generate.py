@@ -270,8 +270,8 @@ def _import(class_path: str) -> Any:
 
 
 SHORTHANDS = {
-    "text_encoder": {"toy": "sfvideo.toy.encoders.ToyTextEncoder", "umt5": "sfvideo.nn.encoders.UMT5TextEncoder"},
-    "codec": {"toy": "sfvideo.toy.encoders.ToyCodec", "wan": "sfvideo.nn.encoders.WanVAECodec"},
+    "text_encoder": {"toy": "sfvideo.toy.encoders.ToyTextEncoder", "umt5": "sfvideo.nn.umt5.UMT5TextEncoder"},
+    "codec": {"toy": "sfvideo.toy.encoders.ToyCodec", "wan": "sfvideo.nn.wan_vae.WanVAECodec"},
 }
 
 

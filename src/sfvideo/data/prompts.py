@@ -8,19 +8,12 @@ takes every world_size-th index of one shared permutation per epoch, so ranks ne
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line, blank lines skipped; a missing, empty or non-UTF-8 file is a one-line error naming the
-    file (and line). The one implementation lives with the encoders (``sfvideo.nn.encoders.read_prompts``)."""
-    from sfvideo.nn.encoders import read_prompts
-
-    return read_prompts(path)
+from sfvideo.files import read_prompt_file
 
 
 class PromptStream(IterableDataset):

@@ -21,7 +21,7 @@ order). The choice is deliberate: the codec is exact and lossless (decode(encode
 output directly, so any error they find is the generator's and not a VAE's. The streaming decoder is stateless
 (time 1:1), so chunk-by-chunk decoding equals a full decode exactly.
 
-Not here: the world itself (``toy/world.py``), the real encoders (``nn/encoders.py``).
+Not here: the world itself (``toy/world.py``), the real encoders (``nn/umt5.py``, ``nn/wan_vae.py``).
 """
 
 from __future__ import annotations

@@ -138,9 +138,3 @@ class FlowMatchingDiffusion(PromptConditioning, L.LightningModule):
         ema = (checkpoint.get(RANK_LOCAL_KEY) or {}).get("model_ema")
         if ema is not None and self.ema is not None:
             self.ema.load_state_dict(ema)
-
-    def export_weights(self, use_ema: bool = True) -> torch.nn.Module:
-        """The trained network (EMA weights when available and asked for)."""
-        if use_ema and self.ema is not None and self.ema.initialized:
-            self.model.load_state_dict(self.ema.full_state_dict(self.model), strict=False)
-        return self.model

@@ -33,9 +33,9 @@ from sfvideo.geometry import VideoGeometry
 from sfvideo.losses.critic import critic_loss
 from sfvideo.losses.dmd import dmd_loss
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
+from sfvideo.seeding import mix_seed
 from sfvideo.training.networks import PromptConditioning, build_transformer, freeze, network_configs
 from sfvideo.training.optim import CriticAdamW, GeneratorAdamW
-from sfvideo.training.seeding import mix_seed
 from sfvideo.training.strategies import RANK_LOCAL_KEY, ShardedEMA, network
 
 WAN_NEGATIVE_PROMPT = ""
@@ -54,7 +54,7 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
         critic_init: weights of the critic; unset = the teacher's weights (the official recipe).
         geometry: latent clip shape and chunking.
         text_encoder: frozen prompt encoder (``sfvideo.toy.encoders.ToyTextEncoder`` or
-            ``sfvideo.nn.encoders.UMT5TextEncoder``); unset = the toy world's.
+            ``sfvideo.nn.umt5.UMT5TextEncoder``); unset = the toy world's.
         codec: frozen latent codec, used only to decode samples; unset = none.
         negative_prompt: prompt of the unconditional branch of classifier-free guidance.
         shift: timestep shift of the flow-matching schedule (5 in the paper).

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfvideo.nn.encoders import freeze
+from sfvideo.nn.interfaces import freeze
 
 __all__ = ["asset_path", "build_transformer", "freeze"]
 

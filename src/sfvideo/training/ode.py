@@ -43,9 +43,9 @@ from sfvideo.diffusion.sampling import Guidance, euler_sample, ode_sigmas
 from sfvideo.diffusion.schedule import FlowMatchSchedule
 from sfvideo.geometry import VideoGeometry, check_chunking
 from sfvideo.nn.interfaces import TextEncoder
+from sfvideo.seeding import mix_seed
 from sfvideo.training.networks import PromptConditioning, build_transformer, compute_dtype, freeze, network_configs
 from sfvideo.training.optim import ODEAdamW
-from sfvideo.training.seeding import mix_seed
 from sfvideo.training.strategies import clip_gradients, network
 
 WAN_NEGATIVE_PROMPT = ""
@@ -575,7 +575,3 @@ class ODEInit(PromptConditioning, L.LightningModule):
     def export_generator(self) -> nn.Module:
         """The trained causal generator (a ``WanTransformer``; save it with ``export_diffusers``)."""
         return self.generator
-
-    def export_weights(self, use_ema: bool = True) -> nn.Module:
-        """Same as :meth:`export_generator` (no EMA in ODE regression), named as ``FlowMatchingDiffusion``'s."""
-        return self.export_generator()

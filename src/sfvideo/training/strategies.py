@@ -610,10 +610,6 @@ class MultiEngineDeepSpeedStrategy(DeepSpeedStrategy):
         engine = self._engines.get(name) or self._frozen_engines.get(name)
         return engine if engine is not None else getattr(self.lightning_module, name)
 
-    def engine_for(self, name: str) -> nn.Module:
-        """Alias of :meth:`network` (the hook name ``sfvideo.training.module`` looks up)."""
-        return self.network(name)
-
     def _check_clipping(self, max_norm: float) -> None:
         configured = float(self.config.get("gradient_clipping", 0.0))
         if abs(configured - max(max_norm, 0.0)) > 1e-12:
