@@ -8,7 +8,7 @@ from torch import nn
 from sfvideo.diffusion.denoiser import Denoiser
 from sfvideo.diffusion.rollout import generate_latents
 from sfvideo.diffusion.schedule import FlowMatchSchedule
-from sfvideo.streaming import StreamStats, check_context_schedule, decode_stream, stream
+from sfvideo.inference import StreamStats, check_context_schedule, decode_stream, stream
 
 
 @pytest.fixture(autouse=True)

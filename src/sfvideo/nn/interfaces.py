@@ -21,6 +21,10 @@ from torch import nn
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
+NEGATIVE_PROMPT = ""
+"""Default prompt of the unconditional branch of classifier-free guidance (the empty prompt; Wan's recipe sets its
+long negative prompt in the config)."""
+
 
 def freeze(module: ModuleT) -> ModuleT:
     """Make ``module`` a frozen constant: eval mode (no dropout) and ``requires_grad=False`` on every parameter.

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfvideo.nn.interfaces import RecordsInitArgs, freeze
+from sfvideo.nn.interfaces import NEGATIVE_PROMPT, RecordsInitArgs, freeze
 from sfvideo.nn.precision import parse_dtype
 
 __all__ = ["UMT5TextEncoder", "clean_prompt"]
@@ -74,7 +74,7 @@ class UMT5TextEncoder(RecordsInitArgs):
         dtype: torch.dtype | str = "bf16",
         device: str | torch.device = "cpu",
         offload: bool = False,
-        negative_prompt: str = "",
+        negative_prompt: str = NEGATIVE_PROMPT,
     ) -> None:
         if text_len <= 0:
             raise ValueError(f"text_len must be positive, got {text_len}")

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfvideo.geometry import VideoGeometry
-from sfvideo.nn.interfaces import StreamDecoder
+from sfvideo.nn.interfaces import RecordsInitArgs, StreamDecoder
 from sfvideo.toy.world import VOCABULARY, ToyWorldConfig
 
 
-class ToyTextEncoder(nn.Module):
+class ToyTextEncoder(RecordsInitArgs, nn.Module):
     """Frozen, deterministic prompt encoder of the toy world (implements ``TextEncoder``)."""
 
     def __init__(
@@ -121,7 +121,7 @@ class ToyStreamDecoder(StreamDecoder):
         return self.codec.decode(latents)
 
 
-class ToyCodec(nn.Module):
+class ToyCodec(RecordsInitArgs, nn.Module):
     """Pixel-unshuffle latent space of the toy world (implements ``VideoCodec``)."""
 
     def __init__(
