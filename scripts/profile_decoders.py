@@ -46,7 +46,7 @@ def build(variant: str, seed: int):
     if name == "wan":
         from diffusers import AutoencoderKLWan
 
-        from sfvideo.nn.encoders import WanVAECodec
+        from sfvideo.nn.wan_vae import WanVAECodec
 
         extra = {} if fpc is None else {"frames_per_call": fpc or 1 << 20}  # 0: the whole chunk
         if "cl" in kw:

@@ -1,5 +1,6 @@
 """``sfvideo generate``, the mp4/PNG writers and the prediction writer (tiny CPU configs)."""
 
+import io
 import struct
 import subprocess
 import sys
@@ -19,18 +20,21 @@ GEO = VideoGeometry(num_frames=6, channels=12, height=4, width=4, frames_per_chu
 
 # ---------------------------------------------------------------------------------------------- fixtures
 def _module(**kw):
+    from sfvideo.toy.encoders import ToyTextEncoder
     from sfvideo.training.module import SelfForcingDMD
 
-    m = SelfForcingDMD(teacher="debug", teacher_overrides={"in_channels": 12, "out_channels": 12}, geometry=GEO, **kw)
+    m = SelfForcingDMD(teacher="debug", teacher_overrides={"in_channels": 12, "out_channels": 12}, geometry=GEO,
+                       text_encoder=ToyTextEncoder(), **kw)
     m.configure_model()
     return m
 
 
 def _save_ckpt(module, path, ema=None):
-    sd = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    ckpt = {"state_dict": dict(module.state_dict()), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)  # what Lightning saves: the record of networks, settings and encoders
+    ckpt["rank_local"] = {} if ema is None else {"generator_ema": {"shadow": ema, "replicated": True}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    rank_local = {} if ema is None else {"generator_ema": {"shadow": ema, "replicated": True}}
-    torch.save({"state_dict": sd, "hyper_parameters": dict(module.hparams), "rank_local": rank_local}, path)
+    torch.save(ckpt, path)
     return path
 
 
@@ -45,7 +49,8 @@ def trained(tmp_path_factory):
 def gen(argv):
     from sfvideo.generate import main
 
-    return main([*map(str, argv), "--quiet"])
+    # The runs here train without a codec (it records none): the toy codec (12 channels at stride 2) decodes.
+    return main([*map(str, argv[:1]), "--codec", "sfvideo.toy.encoders.ToyCodec", *map(str, argv[1:]), "--quiet"])
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -119,10 +124,11 @@ def test_generate_bad_input_one_line_error(trained, tmp_path, case, message):
         argv[0] = tmp_path / "other.ckpt"
         torch.save({"weights": torch.zeros(2)}, argv[0])
     elif case == "mismatch":
-        sd = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
-        hp = {**dict(module.hparams), "teacher_overrides": None}  # says 4 channels, weights have 12
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        configs = state["sfvideo"]["configs"]
+        configs["generator"] = {**configs["generator"], "in_channels": 4}  # says 4 channels, weights have 12
         argv[0] = tmp_path / "mis.ckpt"
-        torch.save({"state_dict": sd, "hyper_parameters": hp}, argv[0])
+        torch.save(state, argv[0])
     elif case == "out_dir_missing":
         out = tmp_path / "no" / "such" / "dir" / "o.mp4"
         argv[4] = out
@@ -260,9 +266,12 @@ def _decode_png(data):
         pos += 12 + n
     w, h, depth, ctype = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
     assert (depth, ctype) == (8, 2)
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 3 * w)
-    assert (raw[:, 0] == 0).all()
-    return raw[:, 1:].reshape(h, w, 3)
+    # The scanlines are filtered (Pillow picks a PNG filter per line), so Pillow reverses the filters.
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(data)))
+    assert pixels.shape == (h, w, 3) and len(zlib.decompress(chunks[b"IDAT"])) == h * (1 + 3 * w)
+    return pixels
 
 
 def test_png_and_contact_sheet_layout():
@@ -307,8 +316,8 @@ def test_generate_with_wan_vae_codec_frame_count(trained, tmp_path):
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 12, latents_std=[1.0] * 12)
     vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "wan.mp4"
-    res = gen([ckpt, "--prompt", PROMPT_A, "-o", out, "--codec", "wan", "--codec_args",
-               f'{{"vae": "{tmp_path / "vae"}"}}'])
+    res = gen([ckpt, "--prompt", PROMPT_A, "-o", out, "--codec", "sfvideo.nn.wan_vae.WanVAECodec", "--codec.vae",
+               tmp_path / "vae"])
     # Streaming Wan VAE decode: 1 + 4 (F - 1) pixel frames (first chunk 1 + 4 (f - 1), then 4 f), 8x spatial.
     assert read_mp4(out).shape == (1 + 4 * (GEO.num_frames - 1), 32, 32, 3)
     assert res["pixel_frames"] == 21

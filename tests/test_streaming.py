@@ -8,7 +8,7 @@ from torch import nn
 from sfvideo.diffusion.denoiser import Denoiser
 from sfvideo.diffusion.rollout import generate_latents
 from sfvideo.diffusion.schedule import FlowMatchSchedule
-from sfvideo.streaming import StreamStats, check_context_schedule, decode_stream, stream
+from sfvideo.inference import StreamStats, check_context_schedule, decode_stream, stream
 
 SIGMAS = FlowMatchSchedule().step_sigmas([1000, 750, 500, 250])
 
@@ -269,7 +269,7 @@ def _tiny_wan_vae():
 
 
 def test_streaming_decode_equals_full_decode_wan_vae():
-    from sfvideo.nn.encoders import WanVAECodec
+    from sfvideo.nn.wan_vae import WanVAECodec
 
     codec = WanVAECodec(_tiny_wan_vae())
     latents = torch.randn(1, 6, codec.latent_channels, 4, 4, generator=torch.Generator().manual_seed(0))

@@ -31,16 +31,17 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sfvideo.diffusion.denoiser import Denoiser
-from sfvideo.diffusion.schedule import FlowMatchSchedule
+from sfvideo.config import InferenceSettings, StepSchedule
+from sfvideo.files import AtomicFile
 from sfvideo.geometry import VideoGeometry
-from sfvideo.streaming import StreamStats, _sync, decode_stream, stream
+from sfvideo.inference import InferenceEngine, stream_cache, sync_device
+from sfvideo.nn.precision import compute_dtype, model_device, parse_dtype
 
 PROG = "sfvideo bench"
 
@@ -58,8 +59,8 @@ class BenchConfig:
     frames_per_chunk: int = 3
     text_len: int = 32
     """Tokens of the (random) prompt embeddings."""
-    steps: tuple[int, ...] = (1000, 750, 500, 250)
-    """Our few-step list (warped with shift 5)."""
+    schedule: StepSchedule = field(default_factory=StepSchedule)
+    """Our few-step list and shift (the generator's defaults)."""
     baseline_steps: int = 50
     """diffusers' denoising steps."""
     guidance_scale: float = 5.0
@@ -105,24 +106,32 @@ GPU = BenchConfig(flavor="1.3B", latent_height=60, latent_width=104, long_latent
 
 
 # ------------------------------------------------------------------ building
-def _weight(model: torch.nn.Module) -> torch.Tensor:
-    """A weight in the activation dtype (the first parameter may be an fp32 island such as scale_shift_table)."""
-    return model.patch_embedding.weight
+class FixedEmbeddings:
+    """A ``TextEncoder`` that returns the same (random) prompt embeddings for every prompt: no text model runs."""
+
+    def __init__(self, context: torch.Tensor) -> None:
+        self.context = context
+        self.text_len, self.dim = context.shape[1], context.shape[2]
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.context.expand(len(prompts), -1, -1)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def engine_for(model, geo: VideoGeometry, context: torch.Tensor, schedule: StepSchedule, codec=None):
+    """The inference engine of ``model`` at geometry ``geo`` (the random embeddings as its only prompt)."""
+    settings = InferenceSettings(geometry=geo, schedule=schedule)
+    return InferenceEngine(model, text_encoder=FixedEmbeddings(context), settings=settings, decoder=codec)
 
 
 def build_models(cfg: BenchConfig, seed: int = 0) -> tuple[torch.nn.Module, Any, torch.Tensor]:
     """Our random-weight transformer, a random Wan VAE (as a codec) and random prompt embeddings."""
     from diffusers import AutoencoderKLWan
 
-    from sfvideo.generate import cast_model
-    from sfvideo.nn.encoders import WanVAECodec
+    from sfvideo.nn.precision import cast_model
     from sfvideo.nn.wan import WanTransformer
+    from sfvideo.nn.wan_vae import WanVAECodec
 
-    device, dtype = torch.device(cfg.device), _dtype(cfg.dtype)
+    device, dtype = torch.device(cfg.device), parse_dtype(cfg.dtype)
     torch.manual_seed(seed)
     with torch.device(device):
         model = WanTransformer.from_flavor(cfg.flavor)
@@ -144,26 +153,27 @@ def diffusers_transformer(model: torch.nn.Module) -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
     cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    p = _weight(model)
-    with torch.device(p.device):
+    device, dtype = model_device(model), compute_dtype(model)
+    with torch.device(device):
         ref = WanTransformer3DModel(**cfg)
     ref.load_state_dict(model.state_dict(), strict=True)
     # Same precision as ours (bf16 on GPU), cast whole as `pipe.to(torch.bfloat16)` users do: diffusers' forward
-    # feeds its time projection in the activation dtype, so partial fp32 islands would not run.
-    ref.to(p.device)
-    for q in ref.parameters():  # ModelMixin.to would keep its fp32 islands
-        q.data = q.data.to(p.dtype)
+    # feeds its time projection in the activation dtype, so partial fp32 islands would not run. (The parameters
+    # directly: ModelMixin.to(dtype) warns about the islands.)
+    ref.to(device)
+    for q in ref.parameters():
+        q.data = q.data.to(dtype)
     return ref.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def forward_parity(model: torch.nn.Module, ref: torch.nn.Module, geo: VideoGeometry, context: torch.Tensor) -> float:
     """Max |ours - diffusers| of one bidirectional forward on the same input (checks the 1:1 weight mapping)."""
-    p = _weight(model)
+    device, dtype = model_device(model), compute_dtype(model)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(geo.latent_shape(1, min(geo.num_frames, 2 * geo.frames_per_chunk)), generator=g)
-    x = x.to(device=p.device, dtype=p.dtype)
-    t = torch.full((1,), 700.0, device=p.device)
+    x = x.to(device=device, dtype=dtype)
+    t = torch.full((1,), 700.0, device=device)
     ours = model(x, t, context, attention="bidirectional")
     theirs = ref(hidden_states=x.permute(0, 2, 1, 3, 4), timestep=t, encoder_hidden_states=context,
                  return_dict=False)[0].permute(0, 2, 1, 3, 4)
@@ -171,65 +181,52 @@ def forward_parity(model: torch.nn.Module, ref: torch.nn.Module, geo: VideoGeome
 
 
 # ------------------------------------------------------------------ runs
-def run_stream(model, geo: VideoGeometry, context, *, num_frames: int, step_sigmas, codec=None, window=None,
-               sink: int = 0, seed: int = 0) -> dict[str, Any]:
-    """One sfvideo streaming run; returns :class:`StreamStats` as a dict plus per-chunk times."""
-    p = _weight(model)
-    device, dtype = p.device, p.dtype
-    g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(geo.latent_shape(1, num_frames), generator=g, device=device, dtype=dtype)
-    capacity = num_frames if window is None else min(num_frames, window + sink)
-    cache = model.new_kv_cache(1, geo.tokens_per_frame, capacity, sink_frames=sink, window_frames=window,
-                               dtype=dtype, device=device)
-    _sync(device)
-    stats = StreamStats()
-    chunks = stream(Denoiser(model), noise, context, step_sigmas=step_sigmas.to(device),
-                    frames_per_chunk=geo.frames_per_chunk, kv_cache=cache, noise_generator=g, synchronize=True)
+def run_stream(model, geo: VideoGeometry, context, *, num_frames: int, schedule: StepSchedule, codec=None,
+               window=None, sink: int = 0, seed: int = 0) -> dict[str, Any]:
+    """One sfvideo streaming run (a ``GenerationSession``); returns its ``StreamStats`` plus per-chunk times."""
+    engine = engine_for(model, geo, context, schedule, codec)
+    session = engine.session(num_frames=num_frames, window_frames=window, sink_frames=sink,
+                             decode=codec is not None)
+    session.start("", seed=seed)
+    sync_device(engine.device)
+    session.stats.start_time = time.perf_counter()
     first_chunk_transformer = None
-    if codec is not None:
-        for item in decode_stream(chunks, codec.stream_decoder(), synchronize=True):
-            first_chunk_transformer = first_chunk_transformer or item.chunk.transformer_s
-            stats.update(item.chunk, pixel_frames=item.frames.shape[1], decode_s=item.decode_s)
-    else:
-        for chunk in chunks:
-            first_chunk_transformer = first_chunk_transformer or chunk.transformer_s
-            stats.update(chunk)
-    out = stats.as_dict()
+    for item in session:
+        first_chunk_transformer = first_chunk_transformer or item.chunk.transformer_s
+    out = session.stats.as_dict()
     out["first_chunk_transformer_s"] = first_chunk_transformer
-    out["per_chunk_transformer_s"] = [t for t in stats.per_chunk_s] if codec is None else None
+    out["per_chunk_transformer_s"] = list(session.stats.per_chunk_s) if codec is None else None
     return out
 
 
-def run_recompute(model, geo: VideoGeometry, context, *, num_frames: int, step_sigmas, window: int,
+def run_recompute(model, geo: VideoGeometry, context, *, num_frames: int, schedule: StepSchedule, window: int,
                   seed: int = 0) -> dict[str, Any]:
     """CausVid-style sliding window: per chunk a fresh cache filled by one forward over the last ``window - f``
     clean frames (t = 0), then the chunk's few denoising steps; no rolling state is reused."""
     from sfvideo.diffusion.rollout import generate_latents
 
-    p = _weight(model)
-    device, dtype = p.device, p.dtype
+    engine = engine_for(model, geo, context, schedule)
     f = geo.frames_per_chunk
-    den = Denoiser(model)
-    g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(geo.latent_shape(1, num_frames), generator=g, device=device, dtype=dtype)
+    noise, g = engine.noise(1, num_frames, seed)
+    step_sigmas = schedule.generator_sigmas().to(engine.device)
     clean: list[torch.Tensor] = []
     per_chunk = []
-    _sync(device)
+    sync_device(engine.device)
     t_all = time.perf_counter()
     with torch.no_grad():
         for start in range(0, num_frames, f):
             t0 = time.perf_counter()
             ctx_frames = torch.cat(clean, 1)[:, -(window - f):] if clean else None
             n_ctx = 0 if ctx_frames is None else ctx_frames.shape[1]
-            cache = model.new_kv_cache(1, geo.tokens_per_frame, n_ctx + f, dtype=dtype, device=device)
+            cache = stream_cache(model, geo, 1, n_ctx + f)
             if ctx_frames is not None:
-                den(ctx_frames, torch.zeros(1, n_ctx, device=device), context, kv_cache=cache, start_frame=0,
-                    attention="block_causal", frames_per_chunk=n_ctx)
-            x = generate_latents(den, noise[:, start : start + f], context, step_sigmas=step_sigmas.to(device),
+                engine.denoiser(ctx_frames, torch.zeros(1, n_ctx, device=engine.device), context, kv_cache=cache,
+                                start_frame=0, attention="block_causal", frames_per_chunk=n_ctx)
+            x = generate_latents(engine.denoiser, noise[:, start : start + f], context, step_sigmas=step_sigmas,
                                  frames_per_chunk=f, kv_cache=cache, noise_generator=g, start_frame=n_ctx,
                                  refresh_last=False)
             clean.append(x)
-            _sync(device)
+            sync_device(engine.device)
             per_chunk.append(time.perf_counter() - t0)
     total = time.perf_counter() - t_all
     return {"transformer_s": total, "latent_frames": num_frames, "per_chunk_transformer_s": per_chunk,
@@ -242,25 +239,25 @@ def run_diffusers(ref, codec, context, cfg: BenchConfig, geo: VideoGeometry, see
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=codec.vae, transformer=ref,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.schedule.shift))
     pipe.set_progress_bar_config(disable=True)
     device = context.device
     s = codec.spatial_stride
     pixel_frames = codec.num_pixel_frames(geo.num_frames)
     g = torch.Generator(device=device).manual_seed(seed)
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     latents = pipe(prompt_embeds=context, negative_prompt_embeds=torch.zeros_like(context),
                    height=geo.height * s, width=geo.width * s, num_frames=pixel_frames,
                    num_inference_steps=steps or cfg.baseline_steps, guidance_scale=cfg.guidance_scale,
                    generator=g, output_type="latent", return_dict=False)[0]
-    _sync(device)
+    sync_device(device)
     t1 = time.perf_counter()
     if not decode:
         return {"transformer_s": t1 - t0}
     with torch.no_grad():
         video = codec.vae.decode(latents.to(codec.dtype)).sample
-    _sync(device)
+    sync_device(device)
     t2 = time.perf_counter()
     n = video.shape[2]
     return {"transformer_s": t1 - t0, "decode_s": t2 - t1, "total_s": t2 - t0, "pixel_frames": n,
@@ -274,7 +271,7 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
     """Run every section for ``cfg``; returns the JSON-ready results."""
     geo = cfg.geometry
     model, codec, context = build_models(cfg, seed)
-    sigmas = FlowMatchSchedule(shift=5.0).step_sigmas(list(cfg.steps))
+    schedule = cfg.schedule
     if cfg.compile:
         model = _try_compile(model, log)
     results: dict[str, Any] = {"config": {**asdict(cfg), "geometry": asdict(geo),
@@ -285,7 +282,7 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
     # 1. vs diffusers (or, on GPU without diffusers, just our numbers)
     log("warm-up ...")
     try:
-        _warm_up(model, geo, context, sigmas, codec)
+        _warm_up(model, geo, context, schedule, codec)
     except Exception as e:
         if not cfg.compile:
             raise
@@ -295,9 +292,9 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
             block._compiled_call_impl = None
         results["config"]["compile"] = False
         results["config"]["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:500]}"
-        _warm_up(model, geo, context, sigmas, codec)
-    ours = run_stream(model, geo, context, num_frames=train, step_sigmas=sigmas, codec=codec, seed=seed)
-    ours_nodec = run_stream(model, geo, context, num_frames=train, step_sigmas=sigmas, seed=seed)
+        _warm_up(model, geo, context, schedule, codec)
+    ours = run_stream(model, geo, context, num_frames=train, schedule=schedule, codec=codec, seed=seed)
+    ours_nodec = run_stream(model, geo, context, num_frames=train, schedule=schedule, seed=seed)
     # Pixel frames the same latents decode to, per transformer second (the paper counts pixel frames).
     ours_nodec["pixel_fps_equivalent"] = ours["pixel_frames"] / ours_nodec["transformer_s"]
     section: dict[str, Any] = {"sfvideo": ours, "sfvideo_no_decode": ours_nodec}
@@ -319,13 +316,13 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
 
     # 2. rolling vs recompute
     geo = cfg.long_geometry
-    run_stream(model, geo, context, num_frames=train, step_sigmas=sigmas)  # warm-up at this size
+    run_stream(model, geo, context, num_frames=train, schedule=schedule)  # warm-up at this size
     rolling: dict[str, Any] = {}
     for mult in cfg.long_multiples:
         n = mult * train
         log(f"rolling vs recompute at {mult}x ({n} latent frames) ...")
-        roll = run_stream(model, geo, context, num_frames=n, step_sigmas=sigmas, window=train, seed=seed)
-        rec = run_recompute(model, geo, context, num_frames=n, step_sigmas=sigmas, window=train, seed=seed)
+        roll = run_stream(model, geo, context, num_frames=n, schedule=schedule, window=train, seed=seed)
+        rec = run_recompute(model, geo, context, num_frames=n, schedule=schedule, window=train, seed=seed)
         rolling[f"{mult}x"] = {
             "latent_frames": n,
             "latent_size": [geo.height, geo.width],
@@ -340,7 +337,7 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
     # 3. per-chunk time over a long rolling stream
     n = cfg.per_chunk_chunks * geo.frames_per_chunk
     log(f"per-chunk time over {cfg.per_chunk_chunks} chunks ...")
-    roll = run_stream(model, geo, context, num_frames=n, step_sigmas=sigmas, window=train, seed=seed)
+    roll = run_stream(model, geo, context, num_frames=n, schedule=schedule, window=train, seed=seed)
     times = roll["per_chunk_transformer_s"]
     k = max(1, min(8, len(times) // 4))
     first = statistics.median(times[1 : 1 + k]) if len(times) > k else times[0]  # chunk 0 sees an empty cache
@@ -351,17 +348,17 @@ def bench_generate(cfg: BenchConfig, *, seed: int = 0, log=print) -> dict[str, A
     return results
 
 
-def _warm_up(model, geo: VideoGeometry, context, sigmas, codec) -> None:
+def _warm_up(model, geo: VideoGeometry, context, schedule: StepSchedule, codec) -> None:
     """One training-length stream (every cache view size the timed runs meet) and one decoded chunk."""
-    run_stream(model, geo, context, num_frames=geo.num_frames, step_sigmas=sigmas)
-    run_stream(model, geo, context, num_frames=geo.frames_per_chunk, step_sigmas=sigmas, codec=codec)
+    run_stream(model, geo, context, num_frames=geo.num_frames, schedule=schedule)
+    run_stream(model, geo, context, num_frames=geo.frames_per_chunk, schedule=schedule, codec=codec)
 
 
 def _backend_name(model, cfg: BenchConfig) -> str:
     from sfvideo.nn.attention import resolve_backend
 
-    p = _weight(model)
-    return resolve_backend(getattr(model, "attention_backend", "auto"), p.device, p.dtype, masked=False)
+    return resolve_backend(getattr(model, "attention_backend", "auto"), model_device(model), compute_dtype(model),
+                           masked=False)
 
 
 def _try_compile(model, log):
@@ -500,9 +497,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["wall_s"] = time.perf_counter() - t0
     results["note"] = (f"latent {geo.height}x{geo.width}, {geo.num_frames} latent frames, chunks of "
                        f"{geo.frames_per_chunk}; random weights; timings are wall-clock, device synchronised")
-    tmp = out.parent / f".{out.name}.partial"
-    tmp.write_text(json.dumps(results, indent=2, default=float))
-    os.replace(tmp, out)
+    with AtomicFile(out) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, default=float))
     print_table(results)
     print(f"wrote {out}")
     return results

@@ -16,9 +16,22 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+
+
+def constructor_error(error: BaseException) -> str:
+    """The one line of a constructor's error. jsonargparse reports a failing subclass constructor as "Does not
+    validate against any of the Union subtypes" with the constructor's message among the listed errors; that
+    message is the line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    causes = [ln[2:] for ln in lines if ln.startswith("- ") and not ln.startswith("- Expected a <class 'NoneType'>")]
+    wrapped = lines[0].startswith("Does not validate against any of the Union subtypes")
+    return causes[0] if wrapped and causes else lines[0]
 
 
 def find_last_checkpoint(log_root: Path) -> Path | None:
@@ -45,11 +58,12 @@ class SFVideoCLI(LightningCLI):
         )
 
     def instantiate_classes(self) -> None:  # noqa: D102
-        # Constructor validation (a bad value, a missing model file) is a one-line usage error, not a traceback.
+        # Constructor validation (a bad value, a missing model file, pieces that do not fit) is a one-line usage
+        # error, not a traceback.
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as e:
-            self.parser.error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.parser.error(constructor_error(e))
 
     def before_instantiate_classes(self) -> None:  # noqa: D102
         sub = self.config.get("subcommand")
@@ -69,20 +83,20 @@ class SFVideoCLI(LightningCLI):
         init.version = last.parent.parent.name
 
 
-def _lazy(module: str, attr: str = "main") -> Callable[[list[str]], None]:
-    def run(argv: list[str]) -> None:
+def _lazy(module: str, attr: str = "main") -> Callable[[list[str]], Any]:
+    def run(argv: list[str]) -> Any:
         import importlib
 
-        getattr(importlib.import_module(module), attr)(argv)
+        return getattr(importlib.import_module(module), attr)(argv)
 
     return run
 
 
-COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+COMMANDS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "generate": (_lazy("sfvideo.generate"), "Stream a video from a trained generator."),
     "bench": (_lazy("sfvideo.bench"), "Benchmarks: print a table and write JSON."),
     "export": (_lazy("sfvideo.export"), "Export a generator (or its EMA) as a diffusers folder."),
-    "encode-prompts": (_lazy("sfvideo.nn.encoders", "encode_prompts_main"), "Precompute prompt embeddings."),
+    "encode-prompts": (_lazy("sfvideo.encode_prompts"), "Precompute prompt embeddings."),
     "memory": (_lazy("sfvideo.training.memory"), "Per-GPU memory plan of a configuration."),
     "serve": (_lazy("sfvideo.serve.command"), "A local web page streaming a generator live, with prompt switching."),
     "evaluate": (_lazy("sfvideo.evaluate"), "VBench quality dimensions, curves over time and a report."),
@@ -101,6 +115,7 @@ def run_lightning(args: list[str] | None = None) -> SFVideoCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``sfvideo`` command (the console script: it returns nothing, so the exit status is 0 or the error's)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         COMMANDS[argv[0]][0](argv[1:])

@@ -74,18 +74,15 @@ def _evaluate(
     teacher_steps: int,
     seed: int,
 ) -> dict[str, Any]:
-    from sfvideo.diffusion.schedule import FlowMatchSchedule
-    from sfvideo.evaluation import sample_generator, sample_teacher, score_toy_videos
-    from sfvideo.geometry import VideoGeometry
-    from sfvideo.nn.wan import WanTransformer
-    from sfvideo.toy.encoders import ToyCodec, ToyTextEncoder
+    from dataclasses import replace
+
+    from sfvideo.checkpoints import read_checkpoint
+    from sfvideo.evaluation import score_toy_videos
+    from sfvideo.inference import InferenceEngine
     from sfvideo.toy.features import distance_report, load_feature_encoder
     from sfvideo.toy.world import heldout_prompts, render_batch, train_prompts
     from sfvideo.video import save_contact_sheet, write_mp4
 
-    geometry = VideoGeometry(num_frames=21, channels=48, height=8, width=8, frames_per_chunk=3)
-    encoder, codec = ToyTextEncoder(dim=32, text_len=16), ToyCodec(spatial_stride=4)
-    step_sigmas = FlowMatchSchedule(shift=5.0).step_sigmas([1000, 750, 500, 250], warp=True)
     g = torch.Generator().manual_seed(seed)
     splits = {}
     for split, pool in (("train", train_prompts()), ("heldout", heldout_prompts())):
@@ -98,19 +95,24 @@ def _evaluate(
         "ODE init (4 steps)": ("generator", ode_dir),
         "Self Forcing (4 steps)": ("generator", sf_dir),
     }
+    # Every folder records how it is sampled (sfvideo.json); the teacher's step count is the demo's option.
+    engines = {}
+    for label, (kind, folder) in models.items():
+        ckpt = read_checkpoint(folder)
+        settings = ckpt.settings
+        if kind == "teacher":
+            settings = replace(settings, sampling=replace(settings.sampling, num_steps=teacher_steps))
+        engines[label] = InferenceEngine.from_checkpoint(ckpt, settings=settings)
     for split, prompts in splits.items():
         with torch.no_grad():
             real = features.features(render_batch(prompts, [10_000 + i for i in range(len(prompts))]))
             real_ref = features.features(render_batch(prompts, [20_000 + i for i in range(len(prompts))]))
         for label, (kind, folder) in models.items():
-            model = WanTransformer.from_pretrained(str(folder)).eval()
+            engine = engines[label]
             t0 = time.perf_counter()
-            if kind == "teacher":
-                latents = sample_teacher(model, encoder, prompts, geometry, steps=teacher_steps, seed=seed)
-            else:
-                latents = sample_generator(model, encoder, prompts, geometry, step_sigmas=step_sigmas, seed=seed)
+            latents = engine.generate(prompts, seed=seed)
             seconds = time.perf_counter() - t0
-            video = codec.decode(latents).clamp(-1, 1)
+            video = engine.decode(latents).clamp(-1, 1)
             scores = {
                 k: float(v) for k, v in score_toy_videos(video, prompts).items() if torch.as_tensor(v).numel() == 1
             }
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    from sfvideo.checkpoints import read_checkpoint
     from sfvideo.export import export_checkpoint
     from sfvideo.training.networks import asset_path
 
@@ -191,8 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     _banner("2/3  Self Forcing with DMD")
     extra = ["--model.init_args.max_generator_steps", str(args.generator_steps)] if args.generator_steps else []
     sf_ckpt = _fit(_config("dmd.yaml"), out, "self_forcing", "--model.init_args.generator_init", str(ode_dir), *extra)
-    state = torch.load(sf_ckpt, map_location="cpu", weights_only=False)
-    has_ema = bool(((state.get("rank_local") or {}).get("generator_ema") or {}).get("shadow"))
+    has_ema = read_checkpoint(sf_ckpt).ema_state("generator") is not None
     sf_dir = export_checkpoint(sf_ckpt, out / "exports" / "self_forcing", ema=has_ema, overwrite=True)
 
     _banner("3/3  Samples and metrics")

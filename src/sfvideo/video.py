@@ -4,18 +4,17 @@ Pixel videos follow the codec protocol (``sfvideo.nn.interfaces``): ``(T, 3, H, 
 [-1, 1]. They become 8-bit RGB by ``round((x + 1) * 127.5)``.
 
 Crash safety of :class:`Mp4Writer`: frames are encoded into a hidden temporary file next to the target
-(``.<name>.partial``). Closing (also on ``KeyboardInterrupt`` when used as a context manager) flushes the
+(``sfvideo.files.AtomicFile``). Closing (also on ``KeyboardInterrupt`` when used as a context manager) flushes the
 encoder, finalises the container and renames it onto the target in one ``os.replace``, so the target is
 either absent, the previous file, or a complete, playable mp4. Any other exception discards the temporary.
 
-PNG contact sheets use a minimal zlib PNG writer (no Pillow dependency).
+PNG contact sheets are encoded by Pillow (a dependency of diffusers).
 """
 
 from __future__ import annotations
 
+import io
 import os
-import struct
-import zlib
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +22,8 @@ from types import TracebackType
 import numpy as np
 import torch
 from torch import Tensor
+
+from sfvideo.files import AtomicFile
 
 DEFAULT_FPS = 16
 """Wan2.1's frame rate (81 frames = 5 s)."""
@@ -83,20 +84,24 @@ class Mp4Writer:
         self.codec = pick_codec(codec)
         self.quality = quality
         self.frames_written = 0
-        self.tmp_path = self.path.parent / f".{self.path.name}.partial"
         self._container = None
         self._stream = None
         self._size: tuple[int, int] | None = None
-        self._closed = False
+        self._closed = True  # until the temporary is open (nothing to clean up before)
         import av
 
-        # Open now, so an unwritable target fails before any expensive work.
+        # Open now, so an unwritable target fails before any expensive work (PyAV opens the file lazily, so the
+        # temporary is created first and the error names the target).
         try:
-            # PyAV opens the file lazily; create it here so the error names the target now.
-            self.tmp_path.open("wb").close()
-            self._container = av.open(str(self.tmp_path), mode="w", format="mp4")
-        except (OSError, av.FFmpegError) as e:
+            self._file = AtomicFile(self.path)
+        except OSError as e:
             raise OSError(f"cannot write video {self.path}: {e}") from None
+        try:
+            self._container = av.open(str(self._file.tmp), mode="w", format="mp4")
+        except (OSError, av.FFmpegError) as e:
+            self._file.discard()
+            raise OSError(f"cannot write video {self.path}: {e}") from None
+        self._closed = False
 
     # -------------------------------------------------------------- writing
     def _open_stream(self, height: int, width: int) -> None:
@@ -155,8 +160,7 @@ class Mp4Writer:
             # An mp4 without a video stream is not a video: leave nothing.
             self._discard()
             return None
-        os.replace(self.tmp_path, self.path)
-        return self.path
+        return self._file.commit()
 
     def abort(self) -> None:
         """Discard everything written (the target is left as it was)."""
@@ -170,10 +174,7 @@ class Mp4Writer:
         self._discard()
 
     def _discard(self) -> None:
-        try:
-            self.tmp_path.unlink()
-        except FileNotFoundError:
-            pass
+        self._file.discard()
 
     def __enter__(self) -> Mp4Writer:
         return self
@@ -209,33 +210,23 @@ def read_mp4(path: str | os.PathLike) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ PNG
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
 def encode_png(image: np.ndarray) -> bytes:
-    """``(H, W, 3)`` uint8 -> PNG bytes (8-bit RGB, filter 0, zlib level 6)."""
+    """``(H, W, 3)`` uint8 -> PNG bytes (8-bit RGB, Pillow's encoder)."""
+    from PIL import Image
+
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"encode_png expects (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    h, w = image.shape[:2]
-    # Each scanline starts with its filter byte (0 = None).
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), np.ascontiguousarray(image).reshape(h, w * 3)], axis=1)
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # width, height, bit depth 8, colour type 2 (RGB)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + _png_chunk(b"IEND", b""))
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write ``(H, W, 3)`` uint8 as PNG (temporary file + rename: never half-written)."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.partial"
-    try:
-        tmp.write_bytes(encode_png(image))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``(H, W, 3)`` uint8 as PNG (never half-written)."""
+    data = encode_png(image)
+    with AtomicFile(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def contact_sheet(video: Tensor, *, columns: int = 8, pad: int = 2) -> np.ndarray:

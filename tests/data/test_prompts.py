@@ -1,6 +1,7 @@
 import pytest
 
-from sfvideo.data.prompts import PromptStream, read_prompt_file
+from sfvideo.data.prompts import PromptStream
+from sfvideo.files import read_prompt_file
 
 
 def test_prompt_file_skips_blank_lines(tmp_path):

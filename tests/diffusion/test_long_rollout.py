@@ -10,7 +10,7 @@ from diffusers import AutoencoderKLWan
 from sfvideo.diffusion.denoiser import Denoiser
 from sfvideo.diffusion.long_rollout import sample_rollout_chunks, teacher_window, window_frame_mask
 from sfvideo.losses.dmd import dmd_loss
-from sfvideo.nn.encoders import WanVAECodec
+from sfvideo.nn.wan_vae import WanVAECodec
 from sfvideo.toy.encoders import ToyCodec
 
 

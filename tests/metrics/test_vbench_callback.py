@@ -30,7 +30,10 @@ def test_sample_evaluator_logs_vbench_and_videos(tmp_path):
     trainer = L.Trainer(logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path))
     prompts = ["a red circle moving left on a dark background", "a blue square moving up on a light background"]
-    cb = SampleEvaluator(prompts=prompts, vbench=VBenchModelPaths(dino=paths["dino"], clip_b32=paths["clip_b32"]))
+    from sfvideo.evaluation import score_toy_videos
+
+    cb = SampleEvaluator(prompts=prompts, scorer=score_toy_videos,
+                         vbench=VBenchModelPaths(dino=paths["dino"], clip_b32=paths["clip_b32"]))
     scores = cb.evaluate(trainer, module, step=0)
     logger.experiment.flush()
     for d in ("subject_consistency", "background_consistency", "temporal_flickering"):

@@ -11,15 +11,11 @@ from diffusers import AutoencoderKLWan
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from sfvideo.nn.encoders import (
-    UMT5TextEncoder,
-    WanVAECodec,
-    freeze,
-    load_prompt_embeddings,
-    precompute_prompt_embeddings,
-    read_prompts,
-)
-from sfvideo.nn.interfaces import TextEncoder, VideoCodec
+from sfvideo.files import read_prompt_file as read_prompts
+from sfvideo.nn.interfaces import TextEncoder, VideoCodec, freeze
+from sfvideo.nn.prompt_embeddings import load_prompt_embeddings, precompute_prompt_embeddings
+from sfvideo.nn.umt5 import UMT5TextEncoder
+from sfvideo.nn.wan_vae import WanVAECodec
 
 TEXT_LEN = 8
 WORDS = "a cat dog runs on the beach at sunset bright tones overexposed static blurry".split()

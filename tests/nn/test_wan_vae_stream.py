@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from sfvideo.nn.encoders import WanVAECodec
+from sfvideo.nn.wan_vae import WanVAECodec
 
 Z_DIM = 4
 

@@ -33,7 +33,7 @@ needs_teacher = pytest.mark.skipif(asset_path("toy_teacher") is None, reason="to
 @needs_teacher
 def test_ode_stage_runs(tmp_path):
     ckpt = _fit(tmp_path, "ode.yaml", "--trainer.max_steps", "2", "--data.init_args.batch_size", "2",
-                "--model.init_args.ode_steps", "4")
+                "--model.init_args.ode.num_steps", "4")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["sfvideo"]["generator_steps"] == 2
     assert not any(k.startswith("teacher.") for k in state["state_dict"])
@@ -42,7 +42,7 @@ def test_ode_stage_runs(tmp_path):
 @needs_teacher
 def test_self_forcing_stage_runs_and_writes_samples(tmp_path):
     ckpt = _fit(tmp_path, "dmd.yaml", "--model.init_args.max_generator_steps", "1",
-                "--model.init_args.critic_updates_per_generator_update", "1", "--data.init_args.batch_size", "1")
+                "--model.init_args.optim.critic_updates_per_generator_update", "1", "--data.init_args.batch_size", "1")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["sfvideo"]["generator_steps"] == 1 and state["sfvideo"]["critic_steps"] == 1
     samples = list(tmp_path.glob("lightning_logs/version_*/samples/step_*/contact_sheet.png"))

@@ -22,12 +22,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sfvideo.checkpoints import RANK_LOCAL_KEY
+from sfvideo.training.ema import ShardedEMA
 from sfvideo.training.strategies import (
-    RANK_LOCAL_KEY,
     FSDP2Strategy,
     MultiEngineDeepSpeedStrategy,
-    ShardedEMA,
-    clip_gradients,
+    clip_network_gradients,
     gather_full_state_dict,
     network,
 )
@@ -122,14 +122,11 @@ class TwoNetworkModule(pl.LightningModule):
         return x
 
     def _clip(self, name: str, optimizer) -> None:
-        # The strategies' per-network hook (as sfvideo.training.module uses it) where there is one, else the
-        # module-level helper (Lightning's clip_gradients).
-        hook = getattr(self.trainer.strategy, "clip_network_gradients", None)
-        if hook is None:
-            clip_gradients(self, optimizer, self.max_norm)
-            return
-        norm = hook(self, name, optimizer, self.max_norm)
-        self.grad_norms.append((name, float(norm)))
+        # The one clipping path of the training modules: the strategy's per-network hook where there is one.
+        has_hook = hasattr(self.trainer.strategy, "clip_network_gradients")
+        norm = clip_network_gradients(self, name, optimizer, self.max_norm)
+        if has_hook:
+            self.grad_norms.append((name, float(norm)))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         # Windows of ``accumulate`` micro-batches alternate between the generator (even windows) and the critic

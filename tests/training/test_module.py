@@ -61,7 +61,7 @@ def test_resume_continues_counters_optimizer_and_data_and_matches_uninterrupted(
 
 def test_bad_flag_value_is_a_clear_error(tmp_path):
     with pytest.raises((SystemExit, ValueError)):
-        _fit(tmp_path, "--model.init_args.critic_updates_per_generator_update", "0")
+        _fit(tmp_path, "--model.init_args.optim.critic_updates_per_generator_update", "0")
 
 
 # ---------------------------------------------------------------------------------------------------------------

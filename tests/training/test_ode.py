@@ -1,22 +1,21 @@
+from dataclasses import replace
+
 import lightning as L
 import pytest
 import torch
 from torch import nn
 
+from sfvideo.config import OptimConfig, StepSchedule
 from sfvideo.data.prompts import PromptDataModule
 from sfvideo.diffusion.denoiser import Denoiser
-from sfvideo.diffusion.sampling import ode_sigmas
+from sfvideo.diffusion.sampling import ode_sigmas, record_sigmas_for
 from sfvideo.diffusion.schedule import FlowMatchSchedule
 from sfvideo.geometry import VideoGeometry
-from sfvideo.training import ode as ode_mod
-from sfvideo.training.ode import (
-    ODEInit,
-    generate_ode_pairs,
-    load_ode_pairs,
-    ode_regression_loss,
-    record_sigmas_for,
-    sample_chunk_indices,
-)
+from sfvideo.losses.ode import ode_regression_loss, sample_chunk_indices
+from sfvideo.toy.encoders import ToyTextEncoder
+from sfvideo.training import base as ode_mod
+from sfvideo.training.ode import ODEInit
+from sfvideo.training.ode_pairs import CAUSVID_ODE, generate_ode_pairs, load_ode_pairs
 
 GEO = VideoGeometry(num_frames=4, channels=4, height=4, width=4, frames_per_chunk=2)
 PROMPTS = ["a red ball", "a blue cube", "a green cone", "a small star"]
@@ -91,7 +90,7 @@ def make_module(**kw):
     kw.setdefault("teacher", "mock")
     kw.setdefault("geometry", GEO)
     kw.setdefault("text_encoder", MockTextEncoder())
-    kw.setdefault("ode_steps", 8)
+    kw.setdefault("ode", replace(CAUSVID_ODE, num_steps=8))
     return ODEInit(**kw)
 
 
@@ -173,7 +172,7 @@ def test_two_training_steps_with_mocks(tmp_path, mock_builder):
 
     # The last step's input is the cached trajectory at the seeded chunk indices.
     traj = module.trajectory_cache.trajectory
-    idx = sample_chunk_indices(2, GEO.num_frames, GEO.frames_per_chunk, 4, module._generator(1, 1, 0))
+    idx = sample_chunk_indices(2, GEO.num_frames, GEO.frames_per_chunk, 4, module.rng(1, 1, 0))
     gather = traj[torch.arange(2)[:, None], idx, torch.arange(GEO.num_frames)[None, :]]
     torch.testing.assert_close(gen_calls[-1]["x"], gather)
     torch.testing.assert_close(gen_calls[-1]["timestep"], (module.step_sigmas[idx] * 1000).float())
@@ -210,7 +209,7 @@ def test_checkpoint_resume_restores_the_step_counter(tmp_path, mock_builder):
 
 
 def test_grad_clip_bounds_the_update(tmp_path, mock_builder):
-    module = make_module(grad_clip=1e-3, optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    module = make_module(optim=OptimConfig(grad_clip=1e-3), optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
     trainer(1).fit(module, datamodule=prompt_data(tmp_path))
     start = mock_builder[0]
     delta = torch.cat([(p - q).flatten() for p, q in zip(module.generator.parameters(), start.parameters())])
@@ -245,7 +244,7 @@ def test_generate_ode_pairs_file_round_trip_and_training(tmp_path, mock_builder)
     teacher = MockWan()
     sigmas = FlowMatchSchedule(shift=8.0).step_sigmas([1000, 750, 500, 250])
     path = tmp_path / "pairs" / "ode.pt"
-    kw = dict(geometry=GEO, step_sigmas=sigmas, ode_steps=8, seed=3)
+    kw = dict(geometry=GEO, step_sigmas=sigmas, ode=replace(CAUSVID_ODE, num_steps=8), seed=3)
     generate_ode_pairs(teacher, MockTextEncoder(), PROMPTS, path, batch_size=3, **kw)
     assert [p.name for p in path.parent.iterdir()] == ["ode.pt"]  # no temporary left behind
     pairs = load_ode_pairs(path)
@@ -264,7 +263,7 @@ def test_generate_ode_pairs_file_round_trip_and_training(tmp_path, mock_builder)
     assert module.frozen_modules == () and module.engine_modules == ("generator",)
     assert len(module.generator.calls) == 2
 
-    bad = make_module(trajectories=str(path), shift=5.0)
+    bad = make_module(trajectories=str(path), schedule=StepSchedule(shift=5.0))
     bad.configure_model()
     with pytest.raises(ValueError, match="differ from this run's step sigmas"):
         bad.lookup_trajectories(PROMPTS[:1])
@@ -281,9 +280,9 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="reuse_trajectories"):
         ODEInit(reuse_trajectories=0)
     with pytest.raises(ValueError, match="denoising_steps"):
-        ODEInit(denoising_steps=[250, 500])
+        ODEInit(schedule=StepSchedule(denoising_steps=[250, 500]))
     with pytest.raises(ValueError, match="start at 1000"):
-        ODEInit(denoising_steps=[750, 500])
+        ODEInit(schedule=StepSchedule(denoising_steps=[750, 500]))
 
 
 # ------------------------------------------------------------------------------------------------ real tiny Wan
@@ -297,7 +296,8 @@ def test_real_debug_wan_trains_and_loss_decreases(tmp_path):
     f = tmp_path / "toy.txt"
     f.write_text("\n".join(prompts) + "\n")
     module = ODEInit(
-        teacher="debug", geometry=GEO, ode_steps=4, ode_guidance_scale=3.0, reuse_trajectories=1000,
+        teacher="debug", geometry=GEO, text_encoder=ToyTextEncoder(), reuse_trajectories=1000,
+        ode=replace(CAUSVID_ODE, num_steps=4, guidance_scale=3.0),
         optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
     )  # fmt: skip
     module.configure_model()

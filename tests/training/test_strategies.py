@@ -26,15 +26,15 @@ from torch import nn
 
 from sfvideo.geometry import VideoGeometry
 from sfvideo.training import memory
+from sfvideo.training.ema import ShardedEMA
 from sfvideo.training.strategies import (
     FSDP2Strategy,
     MultiEngineDeepSpeedStrategy,
-    ShardedEMA,
-    _load_rank_local,
-    _save_rank_local,
-    clip_gradients,
+    clip_network_gradients,
     network,
 )
+from sfvideo.training.strategies import load_rank_local as _load_rank_local
+from sfvideo.training.strategies import save_rank_local as _save_rank_local
 
 SCRIPT = Path(__file__).with_name("_dist_module.py")
 RUN_TIMEOUT_S = 240
@@ -318,9 +318,9 @@ def test_clip_gradients_checks_deepspeed_config_and_network_falls_back():
     module = Module()
     assert network(module, "generator") is module.generator  # no trainer: the plain submodule
     module._trainer = types.SimpleNamespace(strategy=strategy)
-    clip_gradients(module, None, 1.0)  # DeepSpeed clips in engine.step(); matching value is accepted
+    clip_network_gradients(module, "generator", None, 1.0)  # DeepSpeed clips in engine.step(); matching is accepted
     with pytest.raises(ValueError, match="gradient_clipping"):
-        clip_gradients(module, None, 5.0)
+        clip_network_gradients(module, "generator", None, 5.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

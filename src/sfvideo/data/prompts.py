@@ -1,4 +1,5 @@
-"""Prompt data for data-free distillation: a text file with one prompt per line (VidProS-style), or the toy world.
+"""Prompt data for data-free distillation: a text file with one prompt per line (VidProS-style), or a function
+returning the prompts (the toy world's ``sfvideo.toy.world.train_prompts``).
 
 Self Forcing with DMD needs no videos: each iteration draws one batch of prompts for the generator update and
 another for the critic update (notes §3.7). The sampler is infinite, seeded, and split across ranks: rank r
@@ -7,20 +8,13 @@ takes every world_size-th index of one shared permutation per epoch, so ranks ne
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line, blank lines skipped; a missing, empty or non-UTF-8 file is a one-line error naming the
-    file (and line). The one implementation lives with the encoders (``sfvideo.nn.encoders.read_prompts``)."""
-    from sfvideo.nn.encoders import read_prompts
-
-    return read_prompts(path)
+from sfvideo.files import read_prompt_file
 
 
 class PromptStream(IterableDataset):
@@ -87,11 +81,12 @@ class PromptStream(IterableDataset):
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Prompts from a text file (one per line) or from the toy world's training split.
+    """Prompts from a text file (one per line) or from a function (e.g. the toy world's training split).
 
     Args:
-        prompts_file: text file with one prompt per line; blank lines are skipped. Leave unset to use the
-            toy world's training prompts.
+        prompts_file: text file with one prompt per line; blank lines are skipped.
+        prompt_source: a function returning the prompts, used when there is no ``prompts_file`` (the toy configs
+            set ``sfvideo.toy.world.train_prompts``).
         batch_size: prompts per rank for each of the generator and the critic updates (times the
             module's gradient accumulation micro-batches).
         seed: seed of the shared prompt permutation.
@@ -102,13 +97,17 @@ class PromptDataModule(L.LightningDataModule):
     def __init__(
         self,
         prompts_file: str | None = None,
+        prompt_source: Callable[[], Sequence[str]] | None = None,
         batch_size: int = 1,
         seed: int = 0,
         predict_prompts_file: str | None = None,
         val_batches: int = 2,
     ) -> None:
         super().__init__()
+        if prompts_file is None and prompt_source is None:
+            raise ValueError("PromptDataModule: set --data.init_args.prompts_file (or prompt_source)")
         self.prompts_file = prompts_file
+        self.prompt_source = prompt_source
         self.batch_size = batch_size
         self.seed = seed
         self.predict_prompts_file = predict_prompts_file
@@ -120,9 +119,7 @@ class PromptDataModule(L.LightningDataModule):
     def _prompts(self) -> list[str]:
         if self.prompts_file is not None:
             return read_prompt_file(self.prompts_file)
-        from sfvideo.toy.world import ToyWorldConfig, train_prompts
-
-        return list(train_prompts(ToyWorldConfig()))
+        return list(self.prompt_source())
 
     def setup(self, stage: str) -> None:
         self.prompts = self._prompts()

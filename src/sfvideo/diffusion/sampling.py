@@ -187,3 +187,53 @@ def euler_sample(
             callback(i, sigma, x, x0)
     trajectory = torch.stack(recorded, dim=1) if recorded else None
     return SampleResult(x0=x.to(noise.dtype), trajectory=trajectory, trajectory_sigmas=trajectory_sigmas)
+
+
+def record_sigmas_for(step_sigmas: Tensor) -> Tensor:
+    """Sigmas of the kept states ``(S + 1,)`` float64: the generator's step sigmas, then 0 (the final sample)."""
+    s = step_sigmas.detach().to("cpu", torch.float64).flatten()
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def ode_trajectories(
+    teacher: Denoiser,
+    noise: Tensor,
+    cond: Tensor,
+    uncond: Tensor | None,
+    *,
+    step_sigmas: Tensor,
+    schedule: FlowMatchSchedule,
+    num_steps: int,
+    guidance_scale: float,
+    guidance: Guidance = "standard",
+) -> Tensor:
+    """Teacher ODE trajectories at the generator's step sigmas ``(B, S + 1, F, C, H, W)``, the last entry final.
+
+    Args:
+        teacher: Bidirectional teacher denoiser.
+        noise: Initial Gaussian noise ``(B, F, C, H, W)`` at sigma 1.
+        cond: Prompt embeddings ``(B, L, D)``.
+        uncond: Negative-prompt embeddings ``(1 or B, L, D)`` (None without guidance).
+        step_sigmas: The generator's step sigmas ``(S,)``, descending, first = 1 (warped or not).
+        schedule: Shift of the many-step grid (``ode_shift``).
+        num_steps: Euler steps of the base grid; the step sigmas not on it are inserted.
+        guidance_scale / guidance: CFG (see :func:`sfvideo.diffusion.sampling.euler_sample`).
+    """
+    record = record_sigmas_for(step_sigmas)
+    if abs(float(record[0]) - 1.0) > 1e-6:
+        raise ValueError(f"step_sigmas must start at 1 (pure noise) for ODE pairs, got {record[:-1].tolist()}")
+    grid = ode_sigmas(schedule, num_steps, include=record)
+    result = euler_sample(
+        teacher,
+        noise,
+        cond,
+        sigmas=grid,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
+        guidance=guidance,
+        record_sigmas=record,
+        model_kwargs={"attention": "bidirectional"},
+    )
+    assert result.trajectory is not None
+    return result.trajectory

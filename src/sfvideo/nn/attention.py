@@ -160,12 +160,6 @@ def _build_mask_cached(mode, num_frames, tokens_per_frame, frames_per_chunk, win
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device, _compile=False)
 
 
-def clear_mask_cache() -> None:
-    """Drop cached masks (e.g. to free device memory)."""
-    _build_mask_cached.cache_clear()
-    frame_visibility.cache_clear()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Kernels
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ Formats understood by :func:`load_transformer` (detected, not declared):
 There is one conversion path: read tensors → pick the sub-dict → strip wrapper prefixes → if the keys are in the
 original Wan layout convert them with diffusers' own
 ``diffusers.loaders.single_file_utils.convert_wan_transformer_to_diffusers`` → build the model with its parameters
-on the meta device → ``load_state_dict(assign=True)``. The model class is generic (``model_cls``); it must take
-diffusers' ``WanTransformer3DModel`` constructor arguments and use its state-dict key names (``sfvideo.nn.wan``'s
-``WanTransformer`` does).
+on the meta device (``accelerate.init_empty_weights``) → ``load_state_dict(assign=True)``. The model class is
+generic (``model_cls``); it must take diffusers' ``WanTransformer3DModel`` constructor arguments and use its
+state-dict key names (``sfvideo.nn.wan``'s ``WanTransformer`` does).
 
 Config inference (when no ``config.json`` and no ``config`` are given) reads every size from weight shapes, except:
 
@@ -36,22 +36,21 @@ stay fp32, as diffusers' ``from_pretrained`` does.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from sfvideo.nn.precision import keeps_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +60,7 @@ __all__ = [
     "export_diffusers",
     "infer_wan_config",
     "load_transformer",
+    "read_folder_config",
     "read_self_forcing_checkpoint",
     "read_state_dict",
     "strip_wrapper_prefixes",
@@ -338,27 +338,6 @@ def infer_wan_config(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create every ``nn.Parameter`` on the meta device while leaving buffers real.
-
-    Buffers that are not in the state dict (e.g. RoPE tables, ``persistent=False``) are computed in ``__init__`` and
-    must stay real; a global ``torch.device("meta")`` would leave them empty after ``load_state_dict``.
-    """
-    original = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
-
-
 def _default_model_cls() -> type[nn.Module]:
     from sfvideo.nn.wan import WanTransformer  # lazy: nn/wan.py is optional for checkpoint reading
 
@@ -399,7 +378,8 @@ def _resolve_source(source: str | os.PathLike) -> tuple[Path, str]:
     return _resolve_source(local)
 
 
-def _read_folder_config(folder: Path) -> dict[str, Any]:
+def read_folder_config(folder: Path) -> dict[str, Any]:
+    """Constructor arguments from ``folder/config.json`` (diffusers or original Wan names), ``{}`` without one."""
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.exists():
         return {}
@@ -410,12 +390,6 @@ def _read_folder_config(folder: Path) -> dict[str, Any]:
     if "dim" in raw and "num_heads" in raw:  # original Wan config.json
         return _original_config_to_diffusers(raw)
     return {k: v for k, v in raw.items() if not k.startswith("_")}
-
-
-def _keeps_fp32(key: str, keep_modules: list[str]) -> bool:
-    """diffusers' rule: a tensor stays fp32 when a path segment names a ``_keep_in_fp32_modules`` entry."""
-    segments = key.split(".")
-    return any(m in segments for m in keep_modules)
 
 
 def _short_list(keys: list[str], limit: int = 8) -> str:
@@ -472,7 +446,7 @@ def load_transformer(
     state_dict = convert_to_diffusers_layout(state_dict)
 
     # Config: inferred from shapes < config.json next to the weights < explicit overrides.
-    file_cfg = _read_folder_config(path) if kind == "folder" else {}
+    file_cfg = read_folder_config(path) if kind == "folder" else {}
     overrides = {**file_cfg, **(config or {})}
     try:
         inferred = infer_wan_config(
@@ -503,7 +477,10 @@ def load_transformer(
     if isinstance(cfg.get("patch_size"), list):
         cfg["patch_size"] = tuple(cfg["patch_size"])
 
-    with _parameters_on_meta():
+    from accelerate import init_empty_weights
+
+    # Parameters on the meta device, buffers real: non-persistent buffers (RoPE tables) are computed in __init__.
+    with init_empty_weights(include_buffers=False):
         model = model_cls(**cfg)
     expected = model.state_dict()  # meta tensors: shapes only
 
@@ -535,7 +512,7 @@ def load_transformer(
         v = state_dict[k]
         if not v.is_floating_point():
             want = v.dtype
-        elif target_dtype in (torch.float16, torch.bfloat16) and _keeps_fp32(k, keep_fp32):
+        elif target_dtype in (torch.float16, torch.bfloat16) and keeps_fp32(k, keep_fp32):
             want = torch.float32  # diffusers' fp32 islands
         else:
             want = target_dtype
@@ -551,12 +528,6 @@ def load_transformer(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
 def export_diffusers(
     model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike,
@@ -565,11 +536,12 @@ def export_diffusers(
     class_name: str = "WanTransformer3DModel",
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a diffusers model folder (``config.json`` + safetensors) atomically.
+    """Write a diffusers model folder (``config.json`` + safetensors) atomically (``sfvideo.files.atomic_folder``).
 
-    Everything is written into a temporary sibling folder which is renamed to ``out_dir`` at the end, so a crash
-    never leaves a folder that looks complete.
+    The weights are written by diffusers' own ``save_pretrained`` (shards and index included), so the folder is
+    what diffusers writes; ``_class_name`` is then set to ``class_name`` so stock diffusers picks its class.
 
     Args:
         model_or_state_dict: a model (its ``config`` is used when ``config`` is None) or a diffusers-layout state dict
@@ -579,68 +551,37 @@ def export_diffusers(
         class_name: ``_class_name`` recorded in ``config.json``.
         max_shard_bytes: split the weights into shards of at most this size with a diffusers index (None: one file).
         overwrite: replace an existing ``out_dir`` (otherwise it is an error).
+        extra_files: more files written into the folder before it appears, ``{name: text}``.
 
     Returns:
         ``out_dir`` as a Path.
     """
-    from safetensors.torch import save_file
+    from accelerate import init_empty_weights
+
+    from sfvideo.files import atomic_folder
 
     out_dir = Path(out_dir)
-    if isinstance(model_or_state_dict, nn.Module):
-        state_dict = model_or_state_dict.state_dict()
-        if config is None:
-            config = getattr(model_or_state_dict, "config", None)
+    if isinstance(model_or_state_dict, nn.Module) and config is None:
+        model = model_or_state_dict
     else:
-        state_dict = convert_to_diffusers_layout(strip_wrapper_prefixes(model_or_state_dict))
-    if config is None:
-        raise ValueError("export_diffusers: config is required when exporting a bare state dict")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"export_diffusers: {out_dir} already exists (pass overwrite=True to replace it)")
-
-    # safetensors refuses shared or strided storage; copies are made only where needed.
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    cfg = {k: _jsonable(v) for k, v in dict(config).items() if not k.startswith("_")}
-    try:
-        import diffusers
-
-        cfg["_diffusers_version"] = diffusers.__version__
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        pass
-    cfg["_class_name"] = class_name
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
-        if max_shard_bytes is None:
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            shards: list[dict[str, torch.Tensor]] = [{}]
-            size = 0
-            for k, v in tensors.items():
-                nbytes = v.numel() * v.element_size()
-                if shards[-1] and size + nbytes > max_shard_bytes:
-                    shards.append({})
-                    size = 0
-                shards[-1][k] = v
-                size += nbytes
-            stem = WEIGHTS_NAME.removesuffix(".safetensors")
-            weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(v.numel() * v.element_size() for v in tensors.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        if out_dir.exists():  # overwrite: move the old folder aside first so the swap is two renames
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "x")
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if config is None:
+            raise ValueError("export_diffusers: config is required when exporting a bare state dict")
+        state_dict = model_or_state_dict
+        if isinstance(state_dict, nn.Module):
+            state_dict = state_dict.state_dict()
+        state_dict = convert_to_diffusers_layout(strip_wrapper_prefixes(state_dict))
+        cfg = {k: tuple(v) if k == "patch_size" else v for k, v in dict(config).items() if not k.startswith("_")}
+        with init_empty_weights(include_buffers=False):
+            model = _default_model_cls()(**cfg)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"export_diffusers: {type(model).__name__} has no save_pretrained (not a diffusers model)")
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_bytes or "1000GB")
+        cfg_path = tmp / CONFIG_NAME
+        cfg = json.loads(cfg_path.read_text())
+        cfg["_class_name"] = class_name
+        cfg_path.write_text(json.dumps(dict(sorted(cfg.items())), indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return out_dir

@@ -367,9 +367,6 @@ class WanTransformer(ModelMixin, ConfigMixin):
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {backend!r}")
         self.attention_backend = backend
 
-    def reset_attention_backend(self) -> None:
-        self.attention_backend = "auto"
-
     @classmethod
     def from_flavor(cls, name: str, **overrides: Any) -> WanTransformer:
         """Randomly initialised model of a named size (``FLAVORS``), with config overrides."""

@@ -21,7 +21,7 @@ order). The choice is deliberate: the codec is exact and lossless (decode(encode
 output directly, so any error they find is the generator's and not a VAE's. The streaming decoder is stateless
 (time 1:1), so chunk-by-chunk decoding equals a full decode exactly.
 
-Not here: the world itself (``toy/world.py``), the real encoders (``nn/encoders.py``).
+Not here: the world itself (``toy/world.py``), the real encoders (``nn/umt5.py``, ``nn/wan_vae.py``).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfvideo.geometry import VideoGeometry
-from sfvideo.nn.interfaces import StreamDecoder
+from sfvideo.nn.interfaces import RecordsInitArgs, StreamDecoder
 from sfvideo.toy.world import VOCABULARY, ToyWorldConfig
 
 
-class ToyTextEncoder(nn.Module):
+class ToyTextEncoder(RecordsInitArgs, nn.Module):
     """Frozen, deterministic prompt encoder of the toy world (implements ``TextEncoder``)."""
 
     def __init__(
@@ -121,7 +121,7 @@ class ToyStreamDecoder(StreamDecoder):
         return self.codec.decode(latents)
 
 
-class ToyCodec(nn.Module):
+class ToyCodec(RecordsInitArgs, nn.Module):
     """Pixel-unshuffle latent space of the toy world (implements ``VideoCodec``)."""
 
     def __init__(

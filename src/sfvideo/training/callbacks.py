@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,15 @@ from sfvideo.metrics.vbench.models import VBenchModelPaths
 
 class SampleEvaluator(L.Callback):
     """Every ``every_n_generator_steps`` generator updates (and at the end of training): generate videos for a fixed
-    prompt set with the causal generator (its EMA when ``use_ema``), write mp4s and a PNG contact sheet under
-    ``<run>/samples/step_<n>/``, log the contact sheet to TensorBoard and, for the toy world, its exact metrics
-    (``eval/<metric>``; colour/shape/motion accuracy, persistence, drift, flicker).
+    prompt set with the module's inference engine (its EMA when ``use_ema``), write mp4s and a PNG contact sheet
+    under ``<run>/samples/step_<n>/``, log the contact sheet to TensorBoard and, with a ``scorer``, its metrics
+    (``eval/<metric>``).
 
     Args:
+        prompts: the fixed prompt set.
         every_n_generator_steps: evaluation period in generator updates (0 = only at the end).
-        prompts: the fixed prompt set; default = 4 training and 4 held-out toy-world prompts.
+        scorer: ``scorer(videos (B, T, 3, H, W) in [-1, 1], prompts) -> {metric: value}``, e.g.
+            ``sfvideo.evaluation.score_toy_videos`` (the toy world's exact metrics); unset = no metrics.
         seed: noise seed (the same videos every evaluation, so progress is comparable).
         use_ema: evaluate the generator's EMA once it exists.
         write_videos: write mp4s and contact sheets, and log the videos to TensorBoard as GIFs (metrics are logged
@@ -30,8 +33,9 @@ class SampleEvaluator(L.Callback):
 
     def __init__(
         self,
+        prompts: list[str],
         every_n_generator_steps: int = 20,
-        prompts: list[str] | None = None,
+        scorer: Callable[[torch.Tensor, Sequence[str]], dict[str, Any]] | None = None,
         seed: int = 1234,
         use_ema: bool = False,
         write_videos: bool = True,
@@ -40,8 +44,11 @@ class SampleEvaluator(L.Callback):
         super().__init__()
         if every_n_generator_steps < 0:
             raise ValueError(f"every_n_generator_steps must be >= 0, got {every_n_generator_steps}")
+        if not prompts:
+            raise ValueError("SampleEvaluator: prompts is empty")
         self.every = every_n_generator_steps
-        self.prompts = prompts
+        self.prompts = list(prompts)
+        self.scorer = scorer
         self.seed = seed
         self.use_ema = use_ema
         self.write_videos = write_videos
@@ -51,14 +58,6 @@ class SampleEvaluator(L.Callback):
             from sfvideo.metrics.vbench.training import VBenchSampleLogger
 
             self.vbench = VBenchSampleLogger(vbench)
-
-    def _prompts(self) -> list[str]:
-        if self.prompts:
-            return list(self.prompts)
-        from sfvideo.toy.world import heldout_prompts, train_prompts
-
-        train, held = train_prompts(), heldout_prompts()
-        return train[:: max(1, len(train) // 4)][:4] + held[:: max(1, len(held) // 4)][:4]
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = getattr(module, "generator_steps", trainer.global_step)
@@ -74,45 +73,37 @@ class SampleEvaluator(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, module: Any, step: int) -> dict[str, float]:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or module.codec is None:
             return {}
-        prompts = self._prompts()
-        was_training = module.generator.training
-        module.generator.eval()
+        net = getattr(module, module.sample_network)
+        was_training = net.training
+        net.eval()
         try:
-            latents = module.generate(prompts, seed=self.seed, use_ema=self.use_ema)
+            engine = module.inference_engine(use_ema=self.use_ema)
+            video = engine.decode(engine.generate(self.prompts, seed=self.seed)).clamp(-1, 1).float().cpu()
         finally:
-            module.generator.train(was_training)
-        codec = module.codec
-        if codec is None:
-            return {}
-        video = codec.decode(latents).clamp(-1, 1).float().cpu()
+            net.train(was_training)
         scores: dict[str, float] = {}
-        try:
-            from sfvideo.evaluation import score_toy_videos
-
-            raw = score_toy_videos(video, prompts)
+        if self.scorer is not None:
+            raw = self.scorer(video, self.prompts)
             scores = {f"eval/{k}": float(v) for k, v in raw.items() if torch.as_tensor(v).numel() == 1}
-        except ValueError:
-            pass  # not toy-world prompts: no exact metrics
-        if scores:
             for logger in trainer.loggers:
                 logger.log_metrics(scores, step=trainer.global_step)
         if self.vbench is not None:
             scores.update(self.vbench(trainer, video, device=module.device))
         if self.write_videos:
-            self._write(trainer, video, prompts, step)
+            self._write(trainer, video, step)
         return scores
 
-    def _write(self, trainer: L.Trainer, video: torch.Tensor, prompts: list[str], step: int) -> None:
+    def _write(self, trainer: L.Trainer, video: torch.Tensor, step: int) -> None:
         from sfvideo.video import contact_sheet, save_contact_sheet, write_mp4
 
         root = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step:06d}"
         root.mkdir(parents=True, exist_ok=True)
-        for i, (clip, prompt) in enumerate(zip(video, prompts, strict=True)):
+        for i, (clip, prompt) in enumerate(zip(video, self.prompts, strict=True)):
             write_mp4(root / f"{i:02d}_{prompt.replace(' ', '_')[:80]}.mp4", clip)
         save_contact_sheet(root / "contact_sheet.png", video, columns=video.shape[1])
-        (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        (root / "prompts.txt").write_text("\n".join(self.prompts) + "\n")
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_image"):

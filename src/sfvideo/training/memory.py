@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sfvideo.geometry import VideoGeometry
+from sfvideo.nn.wan import FLAVORS
 
 Strategy = Literal["zero2", "zero3", "fsdp2"]
 STRATEGIES: tuple[Strategy, ...] = ("zero2", "zero3", "fsdp2")
@@ -55,7 +56,10 @@ FP32 = 4
 
 @dataclass(frozen=True)
 class TransformerSize:
-    """The numbers of a Wan2.1 transformer that decide its memory (diffusers ``WanTransformer3DModel`` names)."""
+    """The numbers of a Wan2.1 transformer that decide its memory (diffusers ``WanTransformer3DModel`` names).
+
+    Built from a transformer config with :meth:`from_config` (``SIZES`` from ``sfvideo.nn.wan.FLAVORS``).
+    """
 
     name: str
     dim: int
@@ -64,15 +68,30 @@ class TransformerSize:
     """Transformer blocks ``L``."""
     ffn_dim: int
     """FFN hidden size ``f``."""
-    text_dim: int = 4096
-    """umT5 embedding size."""
-    text_len: int = 512
-    """Text tokens in the cross-attention cache."""
-    freq_dim: int = 256
+    text_dim: int
+    """Text embedding size (umT5: 4096)."""
+    freq_dim: int
     """Sinusoidal timestep embedding size."""
-    in_channels: int = 16
-    out_channels: int = 16
+    in_channels: int
+    out_channels: int
     patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    """Text tokens in the cross-attention cache (umT5's padded length in Wan)."""
+
+    @classmethod
+    def from_config(cls, name: str, config: dict) -> TransformerSize:
+        """The sizes of a ``WanTransformer`` config (constructor arguments)."""
+        return cls(
+            name=name,
+            dim=config["num_attention_heads"] * config["attention_head_dim"],
+            num_layers=config["num_layers"],
+            ffn_dim=config["ffn_dim"],
+            text_dim=config["text_dim"],
+            freq_dim=config["freq_dim"],
+            in_channels=config["in_channels"],
+            out_channels=config["out_channels"],
+            patch_size=tuple(config.get("patch_size", (1, 2, 2))),
+        )
 
     @property
     def block_params(self) -> int:
@@ -98,10 +117,7 @@ class TransformerSize:
         return 12 * self.dim + 2 * self.ffn_dim
 
 
-SIZES: dict[str, TransformerSize] = {
-    "1.3B": TransformerSize("1.3B", dim=1536, num_layers=30, ffn_dim=8960),
-    "14B": TransformerSize("14B", dim=5120, num_layers=40, ffn_dim=13824),
-}
+SIZES: dict[str, TransformerSize] = {name: TransformerSize.from_config(name, FLAVORS[name]) for name in ("1.3B", "14B")}
 
 
 @dataclass(frozen=True)

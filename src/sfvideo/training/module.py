@@ -6,43 +6,47 @@ a generator update every ``critic_updates_per_generator_update``-th iteration, t
 own prompt batch and its own Self Forcing rollout.
 
 Every trainable network is reached through ``self.net(name)``: the strategy's engine for it when the strategy
-wraps one per network (DeepSpeed, see ``training/strategies.py``), else the plain module. No gradient of one
+wraps one per network (DeepSpeed, see ``training/strategies``), else the plain module. No gradient of one
 trainable network flows through another's backward: the DMD target is computed under no_grad and the critic
 trains on detached rollouts.
 
-Randomness: decisions every rank must share (exit steps) come from a generator seeded with ``(seed, step)``,
-identical on all ranks (no collectives in model code); noise comes from ``(seed, rank, step)``, different per rank.
-Both are re-derived from the step counters, so a resumed run draws exactly what the uninterrupted run would.
+Randomness (``TrainingModule.rng``): decisions every rank must share (exit steps) come from ``(0, role, step)``,
+identical on all ranks (no collectives in model code); noise from ``(1, role, step, rank, micro-batch)`` and the DMD
+noise level from ``(2, role, step, rank, micro-batch)``, different per rank; ``step`` is the critic step counter.
+Both are re-derived from the counters, so a resumed run draws exactly what the uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torch import nn
 
-from sfvideo.diffusion.denoiser import Denoiser
-from sfvideo.diffusion.rollout import sample_exit_steps, self_forcing_rollout
-from sfvideo.diffusion.schedule import FlowMatchSchedule
+from sfvideo.config import (
+    NEGATIVE_PROMPT,
+    CriticOptimConfig,
+    DMDConfig,
+    EMAConfig,
+    InferenceSettings,
+    RolloutConfig,
+    StepSchedule,
+)
+from sfvideo.diffusion.rollout import last_window_start, sample_exit_steps, self_forcing_rollout
 from sfvideo.geometry import VideoGeometry
+from sfvideo.inference import stream_cache
 from sfvideo.losses.critic import critic_loss
 from sfvideo.losses.dmd import dmd_loss
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
-from sfvideo.training.networks import PromptConditioning, build_transformer, freeze, network_configs
+from sfvideo.training.base import TrainingModule
 from sfvideo.training.optim import CriticAdamW, GeneratorAdamW
-from sfvideo.training.seeding import mix_seed
-from sfvideo.training.strategies import RANK_LOCAL_KEY, ShardedEMA, network
 
-WAN_NEGATIVE_PROMPT = ""
-"""Default negative prompt (the unconditional branch of classifier-free guidance)."""
+GENERATOR, CRITIC = 0, 1
+"""Roles in the random streams (``rng(purpose, role, ...)``)."""
 
 
-class SelfForcingDMD(PromptConditioning, L.LightningModule):
+class SelfForcingDMD(TrainingModule):
     """Self Forcing training of a causal generator with the DMD loss.
 
     Args:
@@ -53,31 +57,16 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
             folder, or a Self Forcing checkpoint); unset = the teacher's weights.
         critic_init: weights of the critic; unset = the teacher's weights (the official recipe).
         geometry: latent clip shape and chunking.
-        text_encoder: frozen prompt encoder (``sfvideo.toy.encoders.ToyTextEncoder`` or
-            ``sfvideo.nn.encoders.UMT5TextEncoder``); unset = the toy world's.
-        codec: frozen latent codec, used only to decode samples; unset = none.
+        text_encoder: frozen prompt encoder (e.g. ``sfvideo.toy.encoders.ToyTextEncoder`` or
+            ``sfvideo.nn.umt5.UMT5TextEncoder``).
+        codec: frozen latent codec, used to decode samples and recorded for inference; unset = none.
         negative_prompt: prompt of the unconditional branch of classifier-free guidance.
-        shift: timestep shift of the flow-matching schedule (5 in the paper).
-        denoising_steps: the generator's few-step list before warping.
-        warp_denoising_steps: map the list through the shifted grid (1000, 937.5, 833.3, 625 for shift 5).
-        guidance_scale: teacher guidance, official convention ``cond + g·(cond − uncond)``.
-        dmd_min_timestep / dmd_max_timestep: clamp of the DMD/critic timestep (on the 0–1000 scale).
-        context_noise: timestep of the noise added to a chunk before it is written to the KV cache (0 = clean).
-        same_exit_across_chunks: one exit step for all chunks (official default) or one per chunk.
-        last_step_only: always exit at the last step.
-        rollout_frames: latent frames per training rollout (≥ geometry.num_frames); when longer, gradient and
-            loss cover only the last ``geometry.num_frames`` frames (notes §3.5).
-        window_frames: attention window of the generator during the rollout (the paper's trick: the last chunk
-            cannot see the first); unset = global attention.
-        cache_grad_mode: ``truncate`` (cached K/V carry no gradient into earlier chunks) or ``straight_through``
-            (the official code's behaviour, notes §3.6).
-        critic_updates_per_generator_update: N critic updates per generator update (5 officially).
-        accumulate_micro_batches: gradient accumulation: each update averages this many micro-batches of the
-            data module's batch (the prompt batch is split into equal parts).
+        schedule: the generator's few-step list on the shifted flow-matching grid.
+        rollout: the Self Forcing rollout (exit steps, context noise, window, gradient through the cache).
+        dmd: teacher guidance and the DMD / critic timestep range.
+        optim: gradient clipping, accumulation and the critic:generator update ratio.
         generator_optimizer / critic_optimizer: optimizer factories (defaults: the official AdamW settings).
-        grad_clip: max gradient norm of each network (10 officially); 0 disables.
-        ema_decay: EMA decay of the generator; 0 disables the EMA.
-        ema_start_step: generator step at which the EMA starts (a copy of the weights).
+        ema: EMA of the generator.
         max_generator_steps: stop after this many generator updates (Lightning's ``max_steps`` counts every
             optimizer step of both networks).
         gradient_checkpointing: activation checkpointing per transformer block for generator and critic.
@@ -87,6 +76,7 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
 
     engine_modules = ("generator", "critic")
     frozen_modules = ("teacher",)
+    counters = ("generator_steps", "critic_steps")
 
     def __init__(
         self,
@@ -97,92 +87,61 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
         geometry: VideoGeometry = VideoGeometry(),
         text_encoder: TextEncoder | None = None,
         codec: VideoCodec | None = None,
-        negative_prompt: str = WAN_NEGATIVE_PROMPT,
-        shift: float = 5.0,
-        denoising_steps: list[int] = [1000, 750, 500, 250],
-        warp_denoising_steps: bool = True,
-        guidance_scale: float = 3.0,
-        dmd_min_timestep: int = 20,
-        dmd_max_timestep: int = 980,
-        context_noise: float = 0.0,
-        same_exit_across_chunks: bool = True,
-        last_step_only: bool = False,
-        rollout_frames: int | None = None,
-        window_frames: int | None = None,
-        cache_grad_mode: Literal["truncate", "straight_through"] = "truncate",
-        critic_updates_per_generator_update: int = 5,
-        accumulate_micro_batches: int = 1,
+        negative_prompt: str = NEGATIVE_PROMPT,
+        schedule: StepSchedule = StepSchedule(),
+        rollout: RolloutConfig = RolloutConfig(),
+        dmd: DMDConfig = DMDConfig(),
+        optim: CriticOptimConfig = CriticOptimConfig(),
         generator_optimizer: OptimizerCallable = GeneratorAdamW,
         critic_optimizer: OptimizerCallable = CriticAdamW,
-        grad_clip: float = 10.0,
-        ema_decay: float = 0.99,
-        ema_start_step: int = 200,
+        ema: EMAConfig = EMAConfig(),
         max_generator_steps: int | None = None,
         gradient_checkpointing: bool = False,
         teacher_dtype: Literal["float32", "bfloat16"] = "float32",
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(geometry=geometry, schedule=schedule, text_encoder=text_encoder, codec=codec,
+                         negative_prompt=negative_prompt, optim=optim, ema=ema, seed=seed)
         self.save_hyperparameters(ignore=["text_encoder", "codec", "generator_optimizer", "critic_optimizer"])
+        self.rollout_config, self.dmd = rollout, dmd
         self._validate()
-        self.automatic_optimization = False
-        # Frozen teacher weights are not part of the training state: checkpoints hold generator, critic, EMA.
-        self.strict_loading = False
-        self.geometry = geometry
-        self.schedule = FlowMatchSchedule(shift=shift)
-        self.step_sigmas = self.schedule.step_sigmas(denoising_steps, warp=warp_denoising_steps)
+        self.check_network_sources({"teacher": (teacher, teacher_overrides), "generator_init": (generator_init, None),
+                                    "critic_init": (critic_init, None)})
+        self.step_sigmas = schedule.generator_sigmas()
         self.generator_optimizer = generator_optimizer
         self.critic_optimizer = critic_optimizer
-        # Frozen encoders are not registered as submodules: they are not trained, not checkpointed, and may be
-        # offloaded by their own wrappers (umT5 is 5B parameters).
-        self.set_text_encoder(text_encoder)
-        object.__setattr__(self, "_codec", codec)
-        self.generator_steps = 0
-        self.critic_steps = 0
-        self.ema = ShardedEMA(decay=ema_decay, start_step=ema_start_step) if ema_decay > 0 else None
 
     # ------------------------------------------------------------------ set-up
     def _validate(self) -> None:
-        h = self.hparams
-        if h.critic_updates_per_generator_update < 1:
-            raise ValueError("--model.critic_updates_per_generator_update must be >= 1")
-        if h.accumulate_micro_batches < 1:
-            raise ValueError("--model.accumulate_micro_batches must be >= 1")
-        if not 0 <= h.dmd_min_timestep < h.dmd_max_timestep <= 1000:
-            raise ValueError("--model.dmd_min_timestep/--model.dmd_max_timestep must satisfy 0 <= min < max <= 1000")
-        if not 0.0 <= h.ema_decay < 1.0:
-            raise ValueError(f"--model.ema_decay must be in [0, 1), got {h.ema_decay}")
-        if sorted(h.denoising_steps, reverse=True) != list(h.denoising_steps) or not h.denoising_steps:
-            raise ValueError(f"--model.denoising_steps must be a non-empty decreasing list, got {h.denoising_steps}")
-        g = h.geometry
-        if h.rollout_frames is not None and (h.rollout_frames < g.num_frames or h.rollout_frames % g.frames_per_chunk):
+        g, r = self.geometry, self.rollout_config
+        if r.rollout_frames is not None and (r.rollout_frames < g.num_frames or r.rollout_frames % g.frames_per_chunk):
             raise ValueError(
-                f"--model.rollout_frames={h.rollout_frames} must be >= geometry.num_frames={g.num_frames} and a "
-                f"multiple of geometry.frames_per_chunk={g.frames_per_chunk}"
+                f"--model.init_args.rollout.rollout_frames={r.rollout_frames} must be >= geometry.num_frames="
+                f"{g.num_frames} and a multiple of geometry.frames_per_chunk={g.frames_per_chunk}"
             )
-        if h.window_frames is not None and (
-            h.window_frames < g.frames_per_chunk or h.window_frames % g.frames_per_chunk
+        if r.window_frames is not None and (
+            r.window_frames < g.frames_per_chunk or r.window_frames % g.frames_per_chunk
         ):
-            raise ValueError(f"--model.window_frames={h.window_frames} must be a positive multiple of frames_per_chunk")
-
-    @property
-    def codec(self) -> VideoCodec | None:
-        return self._codec
+            raise ValueError(
+                f"--model.init_args.rollout.window_frames={r.window_frames} must be a positive multiple of "
+                f"geometry.frames_per_chunk={g.frames_per_chunk}"
+            )
 
     def configure_model(self) -> None:
         if hasattr(self, "teacher"):
             return
         h = self.hparams
-        teacher = build_transformer(h.teacher, overrides=h.teacher_overrides, seed=h.seed)
-        self.generator = build_transformer(h.generator_init) if h.generator_init else copy.deepcopy(teacher)
-        self.critic = build_transformer(h.critic_init) if h.critic_init else copy.deepcopy(teacher)
-        if h.teacher_dtype == "bfloat16":
-            teacher = teacher.to(torch.bfloat16)
-        self.teacher = freeze(teacher)
-        for net in (self.generator, self.critic):
-            net.train()
-            if h.gradient_checkpointing:
-                net.enable_gradient_checkpointing()
+        teacher = self.build_network(h.teacher, h.teacher_overrides)
+        self.check_network(teacher, "teacher")
+        ckpt = h.gradient_checkpointing
+        self.generator = self.trainable(
+            self.build_network(h.generator_init) if h.generator_init else copy.deepcopy(teacher),
+            gradient_checkpointing=ckpt,
+        )
+        self.critic = self.trainable(
+            self.build_network(h.critic_init) if h.critic_init else copy.deepcopy(teacher), gradient_checkpointing=ckpt
+        )
+        self.teacher = self.frozen(teacher, h.teacher_dtype)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
@@ -190,26 +149,11 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
             self.critic_optimizer(self.critic.parameters()),
         ]
 
-    def net(self, name: str) -> nn.Module:
-        """The network to run forward through: the strategy's engine for it (DeepSpeed), or the plain module."""
-        return network(self, name)
-
-    def denoiser(self, name: str) -> Denoiser:
-        return Denoiser(self.net(name), num_train_timesteps=self.schedule.num_train_timesteps)
-
-    # ------------------------------------------------------------------ randomness
-    def _generator(self, *parts: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(mix_seed(self.hparams.seed, *parts))
-        return g
-
-    def shared_generator(self, role: int) -> torch.Generator:
-        """Identical on every rank: decisions that all ranks must agree on (exit steps)."""
-        return self._generator(0, role, self.critic_steps)
-
-    def noise_generator(self, role: int, micro: int) -> torch.Generator:
-        """Different on every rank: noise."""
-        return self._generator(1, role, self.critic_steps, self.global_rank, micro)
+    def inference_settings(self) -> InferenceSettings:
+        r = self.rollout_config
+        return InferenceSettings(geometry=self.geometry, sampler="few_step", schedule=self.schedule,
+                                 context_noise=r.context_noise, window_frames=r.window_frames,
+                                 cache_grad_mode=r.cache_grad_mode, negative_prompt=self.negative_prompt)
 
     # ------------------------------------------------------------------ the algorithm
     def rollout(self, cond: torch.Tensor, *, grad: bool, role: int, micro: int) -> torch.Tensor:
@@ -218,28 +162,22 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
         Returns the last ``geometry.num_frames`` latent frames ``(B, F, C, H, W)``; with ``grad`` only the exit
         step of each chunk in that window carries gradient.
         """
-        h, geo = self.hparams, self.geometry
-        frames = h.rollout_frames or geo.num_frames
-        num_chunks = frames // geo.frames_per_chunk
+        r, geo = self.rollout_config, self.geometry
+        frames = r.rollout_frames or geo.num_frames
         exits = sample_exit_steps(
-            num_chunks,
+            frames // geo.frames_per_chunk,
             len(self.step_sigmas),
-            self.shared_generator(role),
-            same_across_chunks=h.same_exit_across_chunks,
-            last_step_only=h.last_step_only,
+            self.rng(0, role, self.critic_steps),
+            same_across_chunks=r.same_exit_across_chunks,
+            last_step_only=r.last_step_only,
         )
-        ng = self.noise_generator(role, micro)
-        dtype = self.generator.compute_dtype
-        noise = torch.randn(geo.latent_shape(cond.shape[0], frames), generator=ng, device=self.device, dtype=dtype)
-        cache = self.generator.new_kv_cache(
-            cond.shape[0],
-            geo.tokens_per_frame,
-            frames,
-            window_frames=h.window_frames,
-            grad_mode=h.cache_grad_mode,
-            dtype=dtype,
-            device=self.device,
-        )
+        ng = self.rng(1, role, self.critic_steps, self.global_rank, micro)
+        noise = torch.randn(geo.latent_shape(cond.shape[0], frames), generator=ng, device=self.device,
+                            dtype=self.generator.compute_dtype)
+        # Every frame stays in the cache: gradient may reach any earlier chunk (straight_through).
+        cache = stream_cache(self.generator, geo, cond.shape[0], frames, window_frames=r.window_frames,
+                             grad_mode=r.cache_grad_mode, rolling=False)
+        window_start = last_window_start(frames, geo.num_frames)
         result = self_forcing_rollout(
             self.denoiser("generator"),
             noise,
@@ -248,29 +186,25 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
             frames_per_chunk=geo.frames_per_chunk,
             kv_cache=cache,
             exit_steps=exits,
-            context_sigma=h.context_noise / self.schedule.num_train_timesteps,
+            context_sigma=r.context_noise / self.schedule.num_train_timesteps,
             noise_generator=ng,
             grad_enabled=grad,
-            grad_from_frame=frames - geo.num_frames,
+            grad_from_frame=window_start,
         )
-        return result.x0[:, frames - geo.num_frames :]
+        return result.x0[:, window_start:]
 
     def dmd_sigma_and_noise(self, x: torch.Tensor, role: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self._generator(2, role, self.critic_steps, self.global_rank, micro)
+        g = self.rng(2, role, self.critic_steps, self.global_rank, micro)
         sigma = self.schedule.sample_dmd_sigma(
-            x.shape[0],
-            g,
-            min_timestep=self.hparams.dmd_min_timestep,
-            max_timestep=self.hparams.dmd_max_timestep,
-            device=x.device,
+            x.shape[0], g, min_timestep=self.dmd.min_timestep, max_timestep=self.dmd.max_timestep, device=x.device
         )
         noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         return sigma, noise
 
     def generator_loss(self, prompts: list[str], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cond, uncond = self.encode(prompts)
-        x = self.rollout(cond, grad=True, role=0, micro=micro)
-        sigma, noise = self.dmd_sigma_and_noise(x, role=0, micro=micro)
+        x = self.rollout(cond, grad=True, role=GENERATOR, micro=micro)
+        sigma, noise = self.dmd_sigma_and_noise(x, role=GENERATOR, micro=micro)
         return dmd_loss(
             x,
             teacher=self.denoiser("teacher"),
@@ -279,62 +213,23 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
             uncond=uncond,
             sigma=sigma,
             noise=noise,
-            guidance_scale=self.hparams.guidance_scale,
+            guidance_scale=self.dmd.guidance_scale,
         )
 
     def critic_loss(self, prompts: list[str], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cond, _ = self.encode(prompts)
         with torch.no_grad():
-            x = self.rollout(cond, grad=False, role=1, micro=micro)
-        sigma, noise = self.dmd_sigma_and_noise(x, role=1, micro=micro)
+            x = self.rollout(cond, grad=False, role=CRITIC, micro=micro)
+        sigma, noise = self.dmd_sigma_and_noise(x, role=CRITIC, micro=micro)
         return critic_loss(x, critic=self.denoiser("critic"), context=cond, sigma=sigma, noise=noise)
-
-    def update(
-        self,
-        name: str,
-        optimizer: Any,
-        prompts: list[str],
-        loss_fn: Callable[[list[str], int], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    ) -> dict[str, torch.Tensor]:
-        """One optimizer update of network ``name``, averaging ``accumulate_micro_batches`` micro-batches."""
-        k = self.hparams.accumulate_micro_batches
-        if len(prompts) % k:
-            raise ValueError(
-                f"prompt batch of {len(prompts)} does not split into --model.accumulate_micro_batches={k} parts"
-            )
-        size = len(prompts) // k
-        logs: dict[str, torch.Tensor] = {}
-        self.toggle_optimizer(optimizer)
-        for micro in range(k):
-            loss, micro_logs = loss_fn(prompts[micro * size : (micro + 1) * size], micro)
-            self.manual_backward(loss / k)
-            for key, value in {"loss": loss, **micro_logs}.items():
-                logs[key] = logs.get(key, 0.0) + value.detach().float() / k
-        if self.hparams.grad_clip > 0:
-            logs["grad_norm"] = self.clip_network_gradients(name, optimizer, self.hparams.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        self.untoggle_optimizer(optimizer)
-        return logs
-
-    def clip_network_gradients(self, name: str, optimizer: Any, max_norm: float) -> torch.Tensor:
-        """Clip one network's gradients as the strategy requires; returns the total norm (for the logs).
-
-        DeepSpeed clips inside ``engine.step()`` and reports the previous step's norm (NaN before the first).
-        """
-        clip = getattr(self.trainer.strategy, "clip_network_gradients", None)
-        if clip is not None:
-            return clip(self, name, optimizer, max_norm)
-        params = [p for p in getattr(self, name).parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         opt_generator, opt_critic = self.optimizers()
         logs: dict[str, torch.Tensor] = {}
-        if self.critic_steps % self.hparams.critic_updates_per_generator_update == 0:
+        if self.critic_steps % self.optim.critic_updates_per_generator_update == 0:
             gen_logs = self.update("generator", opt_generator, batch["generator"], self.generator_loss)
             self.generator_steps += 1
-            self.update_ema()
+            self.update_ema(self.generator_steps)
             logs.update({f"train/generator_{k}": v for k, v in gen_logs.items()})
         critic_logs = self.update("critic", opt_critic, batch["critic"], self.critic_loss)
         self.critic_steps += 1
@@ -351,16 +246,11 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
         self.log_dict({k: v for k, v in logs.items() if k not in progress}, on_step=True, batch_size=1)
         self.log_dict({k: v for k, v in logs.items() if k in progress}, prog_bar=True, on_step=True, batch_size=1)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Count consumed batches before any checkpoint of this step is written, so a resume starts at the next one.
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "count_consumed_batch"):
-            dm.count_consumed_batch()
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.hparams.max_generator_steps is not None and self.generator_steps >= self.hparams.max_generator_steps:
+        max_steps = self.hparams.max_generator_steps
+        if max_steps is not None and self.generator_steps >= max_steps:
             # Stop on generator steps, not on Lightning's global_step (which counts both optimizers).
-            if self.critic_steps % self.hparams.critic_updates_per_generator_update == 0:
+            if self.critic_steps % self.optim.critic_updates_per_generator_update == 0:
                 self.trainer.should_stop = True
 
     @torch.no_grad()
@@ -375,63 +265,3 @@ class SelfForcingDMD(PromptConditioning, L.LightningModule):
 
     def test_step(self, batch: dict[str, list[str]], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.validation_step(batch, batch_idx)
-
-    # ------------------------------------------------------------------ EMA and checkpoints
-    def update_ema(self) -> None:
-        if self.ema is not None:
-            self.ema.update(self.generator, step=self.generator_steps)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("teacher.")]:
-            del state[key]
-        checkpoint["sfvideo"] = {
-            "generator_steps": self.generator_steps,
-            "critic_steps": self.critic_steps,
-            "configs": network_configs(self, ("generator", "critic")),
-        }
-        if self.ema is not None:
-            # Per-rank state: each rank's EMA shard (ZeRO-3/FSDP2), written once when replicated.
-            checkpoint.setdefault(RANK_LOCAL_KEY, {})["generator_ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("sfvideo", {})
-        self.generator_steps = int(state.get("generator_steps", 0))
-        self.critic_steps = int(state.get("critic_steps", 0))
-        ema = (checkpoint.get(RANK_LOCAL_KEY) or {}).get("generator_ema")
-        if ema is not None and self.ema is not None:
-            self.ema.load_state_dict(ema)
-
-    # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def generate(
-        self, prompts: list[str], *, num_frames: int | None = None, seed: int = 0, use_ema: bool = False
-    ) -> torch.Tensor:
-        """Few-step KV-cached generation of latents ``(B, F, C, H, W)`` (no gradient)."""
-        from sfvideo.diffusion.rollout import generate_latents
-
-        geo = self.geometry
-        frames = num_frames or geo.num_frames
-        cond, _ = self.encode(prompts)
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        model = self.generator
-        if use_ema and self.ema is not None and self.ema.initialized:
-            model = copy.deepcopy(self.generator)
-            model.load_state_dict(self.ema.full_state_dict(self.generator), strict=False)
-        dtype = model.compute_dtype
-        noise = torch.randn(geo.latent_shape(len(prompts), frames), generator=g, device=self.device, dtype=dtype)
-        cache = model.new_kv_cache(len(prompts), geo.tokens_per_frame, frames, dtype=dtype, device=self.device)
-        return generate_latents(
-            Denoiser(model, num_train_timesteps=self.schedule.num_train_timesteps),
-            noise,
-            cond,
-            step_sigmas=self.step_sigmas.to(self.device),
-            frames_per_chunk=geo.frames_per_chunk,
-            kv_cache=cache,
-            noise_generator=g,
-        )
-
-    def predict_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:
-        latents = self.generate(list(batch), seed=self.hparams.seed + batch_idx)
-        video = self.codec.decode(latents) if self.codec is not None else None
-        return {"prompts": list(batch), "latents": latents.cpu(), "video": None if video is None else video.cpu()}

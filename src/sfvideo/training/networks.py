@@ -1,4 +1,4 @@
-"""Building the three transformers of a run from config strings (flavor, folder, checkpoint, bundled asset)."""
+"""Building the transformers of a run from config strings (flavor, folder, checkpoint, bundled asset)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sfvideo.nn.encoders import freeze
-
-__all__ = ["asset_path", "build_transformer", "freeze"]
+__all__ = ["asset_path", "build_transformer", "network_configs", "transformer_config"]
 
 
 def asset_path(name: str) -> Path | None:
@@ -43,18 +41,41 @@ def build_transformer(
             return WanTransformer.from_flavor(source, **(overrides or {}))
     if overrides:
         raise ValueError(f"overrides apply to flavors ({', '.join(FLAVORS)}) only, not to {source!r}")
-    path = Path(source)
-    if not path.exists():
-        bundled = asset_path(source)
-        if bundled is None:
-            raise FileNotFoundError(
-                f"model source {source!r} is neither a flavor ({', '.join(FLAVORS)}), a bundled asset, nor an "
-                f"existing path"
-            )
-        path = bundled
     from sfvideo.nn.checkpoint import load_transformer
 
-    return load_transformer(str(path), strict=True)
+    return load_transformer(str(_source_path(source)), strict=True)
+
+
+def _source_path(source: str) -> Path:
+    """A local path or bundled asset name as a path (a missing one is a one-line error)."""
+    from sfvideo.nn.wan import FLAVORS
+
+    path = Path(source)
+    if path.exists():
+        return path
+    bundled = asset_path(source)
+    if bundled is None:
+        raise FileNotFoundError(
+            f"model source {source!r} is neither a flavor ({', '.join(FLAVORS)}), a bundled asset, nor an existing path"
+        )
+    return bundled
+
+
+def transformer_config(source: str, overrides: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The constructor config of :func:`build_transformer`'s network without loading weights, or None when only
+    the weights tell (a single weight file) or the source does not resolve (:func:`build_transformer` says why)."""
+    from sfvideo.nn.checkpoint import CONFIG_NAME, read_folder_config
+    from sfvideo.nn.wan import FLAVORS
+
+    if source in FLAVORS:
+        return {**FLAVORS[source], **(overrides or {})}
+    path = Path(source) if Path(source).exists() else asset_path(source)
+    if path is None:
+        return None
+    for folder in (path / "transformer", path):
+        if (folder / CONFIG_NAME).is_file():
+            return read_folder_config(folder)
+    return None
 
 
 def network_configs(module: nn.Module, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -68,39 +89,3 @@ def network_configs(module: nn.Module, names: tuple[str, ...]) -> dict[str, dict
                 k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")
             }
     return out
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """Activation dtype of a network: ``WanTransformer.compute_dtype``, else its first parameter's dtype."""
-    dtype = getattr(model, "compute_dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
-
-
-class PromptConditioning:
-    """Mixin of the training modules: the frozen prompt encoder and cond/uncond embeddings.
-
-    The encoder is held outside the module tree (``object.__setattr__``): it is not trained, not checkpointed, and
-    large ones (umT5, 5B) manage their own device/offload. Unset, it is the toy world's encoder. The negative
-    prompt's embedding (``hparams.negative_prompt``) is computed once per device (notes §6).
-    """
-
-    def set_text_encoder(self, encoder: Any) -> None:
-        object.__setattr__(self, "_text_encoder", encoder)
-        object.__setattr__(self, "_uncond_cache", None)
-
-    @property
-    def text_encoder(self) -> Any:
-        if getattr(self, "_text_encoder", None) is None:
-            from sfvideo.toy.encoders import ToyTextEncoder
-
-            self.set_text_encoder(ToyTextEncoder())
-        return self._text_encoder
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cond, uncond)`` embeddings ``(B, L, D)`` on the module's device."""
-        cond = self.text_encoder.encode(list(prompts)).to(self.device)
-        uncond = getattr(self, "_uncond_cache", None)
-        if uncond is None or uncond.device != cond.device:
-            uncond = self.text_encoder.encode([self.hparams.negative_prompt]).to(cond.device)
-            object.__setattr__(self, "_uncond_cache", uncond)
-        return cond, uncond.expand_as(cond)

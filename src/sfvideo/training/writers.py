@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from sfvideo.files import AtomicFile
 from sfvideo.video import DEFAULT_FPS, save_contact_sheet, write_mp4
 
 
@@ -83,9 +84,9 @@ class VideoPredictionWriter(BasePredictionWriter):
                 paths.append(write_mp4(root / f"{stem}.mp4", video[i], fps=self.fps))
                 paths.append(save_contact_sheet(root / f"{stem}.png", video[i], columns=self.contact_sheet_columns))
             if self.save_latents or video is None:
-                pt = root / f"{stem}.pt"
-                torch.save(latents[i].detach().cpu().clone(), pt)
-                paths.append(pt)
+                with AtomicFile(root / f"{stem}.pt") as tmp:
+                    torch.save(latents[i].detach().cpu().clone(), tmp)
+                paths.append(root / f"{stem}.pt")
             records.append({"stem": stem, "prompt": prompt, "batch_idx": batch_idx, "rank": trainer.global_rank})
         with (root / f"prompts.r{trainer.global_rank}.jsonl").open("a") as f:
             for r in records:

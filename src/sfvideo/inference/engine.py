@@ -1,0 +1,395 @@
+"""The inference engine: one way to sample every sfvideo network (see ``sfvideo.inference`` for the API)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sfvideo.config import InferenceSettings, check_encoders
+from sfvideo.diffusion.denoiser import Denoiser
+from sfvideo.diffusion.sampling import euler_sample, sample_sigmas
+from sfvideo.geometry import VideoGeometry
+from sfvideo.inference.stream import (
+    ChunkSampler,
+    ChunkStream,
+    DecodedChunk,
+    FewStepChunks,
+    StreamChunk,
+    StreamStats,
+    check_context_schedule,
+    decode_chunk,
+)
+from sfvideo.nn.precision import cast_model, compute_dtype, model_device
+
+Prompts = str | Sequence[str]
+"""One prompt, or one per sample of the batch."""
+
+
+def cache_capacity(num_frames: int, window_frames: int | None, sink_frames: int = 0) -> int:
+    """Frames a stream's KV cache holds: the whole video, or its rolling window plus the sink frames.
+
+    The window includes the chunk being denoised (``nn.kv_cache``), so ``window + sink`` frames suffice.
+    """
+    return num_frames if window_frames is None else min(num_frames, window_frames + sink_frames)
+
+
+def stream_cache(
+    model: nn.Module,
+    geometry: VideoGeometry,
+    batch_size: int,
+    num_frames: int,
+    *,
+    window_frames: int | None = None,
+    sink_frames: int = 0,
+    grad_mode: str = "truncate",
+    rolling: bool = True,
+) -> Any:
+    """A fresh KV cache of ``model`` for a stream of ``num_frames`` latent frames, in the model's dtype and device.
+
+    ``rolling`` sizes it by :func:`cache_capacity`; False keeps every frame (the training rollout, whose gradient
+    may reach every cached chunk).
+    """
+    capacity = cache_capacity(num_frames, window_frames, sink_frames) if rolling else num_frames
+    return model.new_kv_cache(batch_size, geometry.tokens_per_frame, capacity, sink_frames=sink_frames,
+                              window_frames=window_frames, grad_mode=grad_mode, dtype=compute_dtype(model),
+                              device=model_device(model))
+
+
+def _batch(prompts: Prompts) -> list[str]:
+    return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+class InferenceEngine:
+    """Samples one network with its text encoder and decoder, as its checkpoint describes (``settings``).
+
+    The engine owns what every caller used to set up: the Gaussian noise (from a seed), the KV cache (sized by
+    :func:`cache_capacity`), dtype and device (the model's: cast and move the model first), prompt encoding and
+    the negative prompt (classifier-free guidance), the prompt schedule and prompt switches, and decoding chunk by
+    chunk through the decoder's stream decoder.
+
+    Args:
+        model: The network (``WanTransformer``-like: ``forward`` on Wan timesteps, ``new_kv_cache`` for causal
+            samplers), in its inference dtype and on its device.
+        text_encoder: A ``TextEncoder``.
+        settings: How to sample it (``InferenceSettings``: geometry, sampler, steps, context noise, window).
+        decoder: A ``VideoDecoder`` (the run's codec, or a decoder-only model such as a tiny preview decoder); None
+            generates latents only.
+        keys: Names of the pieces for error messages (e.g. command-line flags); see ``config.check_encoders``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        text_encoder: Any,
+        settings: InferenceSettings,
+        decoder: Any = None,
+        keys: Mapping[str, str] | None = None,
+    ) -> None:
+        if settings.sampler == "causal_cfg":
+            raise ValueError(
+                "sampler 'causal_cfg' (many-step causal sampling with guidance, for diffusion- and teacher-forcing "
+                "checkpoints) is not available yet; sample the few-step generator or a bidirectional teacher"
+            )
+        config = getattr(model, "config", None)
+        check_encoders(geometry=settings.geometry, network=dict(config) if config is not None else None,
+                       text_encoder=text_encoder, codec=decoder, keys=keys)
+        self.model = model
+        self.text_encoder = text_encoder
+        self.settings = settings
+        self.decoder = decoder
+        self.device = model_device(model)
+        self.dtype = compute_dtype(model)
+        self.denoiser = Denoiser(model, num_train_timesteps=settings.schedule.num_train_timesteps)
+        self._negative: Tensor | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: Any,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        network: str | None = None,
+        use_ema: bool = False,
+        settings: InferenceSettings | None = None,
+        text_encoder: Any = None,
+        decoder: Any = None,
+        keys: Mapping[str, str] | None = None,
+    ) -> InferenceEngine:
+        """Everything from what a checkpoint records (``sfvideo.checkpoints.read_checkpoint``); any piece given
+        replaces the recorded one.
+
+        Args:
+            checkpoint: A ``checkpoints.Checkpoint``.
+            device / dtype: Where and in which precision the network runs (default fp32; fp32 islands kept).
+            network: Which network (default: the one the checkpoint samples).
+            use_ema: Its EMA weights.
+            settings / text_encoder / decoder: Replace the recorded ones (needed for bare weights).
+            keys: Names of the pieces for error messages.
+        """
+        names = {"settings": "settings", "text_encoder": "text_encoder", **(keys or {})}
+        settings = settings if settings is not None else checkpoint.settings
+        if settings is None:
+            raise ValueError(f"{checkpoint.path} records no inference settings: give {names['settings']}")
+        text_encoder = text_encoder if text_encoder is not None else checkpoint.build_text_encoder()
+        if text_encoder is None:
+            raise ValueError(f"{checkpoint.path} records no text encoder: give {names['text_encoder']} CLASS_PATH")
+        decoder = decoder if decoder is not None else checkpoint.build_codec()
+        model = checkpoint.load_network(network, ema=use_ema)
+        if dtype is not None:
+            cast_model(model, dtype)
+        return cls(model.to(device).eval(), text_encoder=text_encoder, settings=settings, decoder=decoder, keys=keys)
+
+    @property
+    def geometry(self) -> VideoGeometry:
+        return self.settings.geometry
+
+    # ------------------------------------------------------------------ prompts and noise
+    def encode(self, prompts: Prompts) -> Tensor:
+        """Prompt embeddings ``(B, L, D)`` in the model's dtype, on its device."""
+        return self.text_encoder.encode(_batch(prompts)).to(device=self.device, dtype=self.dtype)
+
+    def negative(self, batch_size: int) -> Tensor:
+        """Embeddings of the negative prompt ``(B, L, D)`` (encoded once)."""
+        if self._negative is None:
+            self._negative = self.encode([self.settings.negative_prompt])
+        return self._negative.expand(batch_size, -1, -1)
+
+    def noise(self, batch_size: int, num_frames: int, seed: int) -> tuple[Tensor, torch.Generator]:
+        """Initial noise ``(B, F, C, H, W)`` of a video and the generator it came from (which re-noises next)."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        shape = self.geometry.latent_shape(batch_size, num_frames)
+        return torch.randn(shape, generator=g, device=self.device, dtype=self.dtype), g
+
+    # ------------------------------------------------------------------ sampling
+    def session(self, **kwargs: Any) -> GenerationSession:
+        """A :class:`GenerationSession` of this engine (keyword arguments: see there)."""
+        return GenerationSession(self, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, prompts: Prompts, *, num_frames: int | None = None, seed: int = 0) -> Tensor:
+        """Latents ``(B, F, C, H, W)`` of one video per prompt (default length: the training clip)."""
+        session = self.session(num_frames=num_frames, decode=False)
+        session.start(prompts, seed=seed)
+        return torch.cat([c.chunk.latents for c in session], dim=1)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """A whole video ``(B, T, 3, H, W)`` in [-1, 1] from latents (the decoder's full decode)."""
+        if self.decoder is None:
+            raise ValueError("this engine has no decoder (codec): it generates latents only")
+        return self.decoder.decode(latents)
+
+    @torch.no_grad()
+    def sample_clip(self, prompts: Prompts, noise: Tensor) -> Tensor:
+        """A bidirectional model's whole clip: many-step Euler from ``noise`` with classifier-free guidance."""
+        s = self.settings.sampling
+        cond = self.encode(prompts)
+        out = euler_sample(self.denoiser, noise, cond, sigmas=sample_sigmas(s.schedule, s.num_steps),
+                           uncond=self.negative(cond.shape[0]), guidance_scale=s.guidance_scale,
+                           guidance=s.guidance)
+        return out.x0
+
+
+_NO_SWITCH = "a bidirectional model samples the whole clip at once: it cannot switch prompts mid-video"
+
+
+class _ClipChunks:
+    """The chunk sampler of a bidirectional model: the clip is sampled whole at the first chunk, then sliced."""
+
+    def __init__(self, engine: InferenceEngine, prompts: list[str], noise: Tensor, frames_per_chunk: int) -> None:
+        self.engine, self.prompts, self.noise, self.f = engine, prompts, noise, frames_per_chunk
+        self.clip: Tensor | None = None
+
+    def denoise(self, noise: Tensor, context: Tensor, start_frame: int) -> Tensor:
+        if self.clip is None:
+            self.clip = self.engine.sample_clip(self.prompts, self.noise)
+        return self.clip[:, start_frame : start_frame + self.f]
+
+    def refresh(self, latents: Tensor, context: Tensor, start_frame: int) -> None:
+        pass  # no cache
+
+    def switch(self, history: Mapping[int, Tensor], context: Tensor, *, full: bool) -> None:
+        raise ValueError(_NO_SWITCH)
+
+    def held_frames(self) -> list[int]:
+        return []
+
+
+class GenerationSession:
+    """One video stream: :meth:`start` it, take chunks (:meth:`next_chunk`, or iterate), switch prompts, close.
+
+    A session serves one consumer (a ``generate`` call, a benchmark run, a browser connection): it holds the KV
+    cache, the noise generator, the prompt embeddings in force and the decoder's causal state. Chunks are denoised
+    on demand; each is decoded through the decoder's stream decoder before it is returned.
+
+    Args:
+        engine: The engine (network, encoders, settings).
+        num_frames: Latent frames of the video (a multiple of the chunk size; default: the training clip).
+        frames_per_chunk: Chunk size (default: the training chunking; 1 = frame-wise).
+        window_frames: Rolling KV-cache window in latent frames (default: the training window, or the training
+            clip length when generating longer or endlessly).
+        sink_frames: First frames kept in the cache forever (a multiple of the chunk size).
+        recache_on_switch: On a prompt switch re-cache the held frames under the new prompt (else reset only the
+            cross-attention cache).
+        decode: Decode each chunk (needs the engine's decoder); False returns latents only.
+        endless: No length: chunks come until :meth:`close` (each chunk's noise is drawn when it is denoised,
+            so an endless stream is not the same video as a fixed-length one of the same seed).
+    """
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        *,
+        num_frames: int | None = None,
+        frames_per_chunk: int | None = None,
+        window_frames: int | None = None,
+        sink_frames: int = 0,
+        recache_on_switch: bool = True,
+        decode: bool = True,
+        endless: bool = False,
+    ) -> None:
+        geo = engine.geometry
+        f = geo.frames_per_chunk if frames_per_chunk is None else frames_per_chunk
+        if f <= 0:
+            raise ValueError(f"frames_per_chunk must be positive, got {f}")
+        frames = None if endless else geo.num_frames if num_frames is None else num_frames
+        if frames is not None and (frames <= 0 or frames % f):
+            raise ValueError(
+                f"num_frames={frames} is not a positive multiple of the chunk size {f} latent frames "
+                f"(nearest: {max(f, frames // f * f)})"
+            )
+        if endless and engine.settings.sampler == "euler":
+            raise ValueError("a bidirectional model samples a clip of fixed length: it cannot stream endlessly")
+        window = engine.settings.window_frames if window_frames is None else window_frames
+        if window is None and (frames is None or frames > geo.num_frames):
+            window = geo.num_frames  # beyond the training clip: roll over the training length
+        if window is not None and (window < f or window % f):
+            raise ValueError(f"window_frames={window} must be a positive multiple of the chunk size {f}")
+        if sink_frames < 0 or sink_frames % f:
+            raise ValueError(f"sink_frames={sink_frames} must be a non-negative multiple of the chunk size {f}")
+        if decode and engine.decoder is None:
+            raise ValueError("decode=True needs a decoder (codec); pass decode=False for latents only")
+        self.engine = engine
+        self.num_frames, self.frames_per_chunk = frames, f
+        self.window_frames, self.sink_frames = window, sink_frames
+        self.recache_on_switch, self.decode = recache_on_switch, decode
+        self.synchronize = engine.device.type == "cuda"
+        self.stats = StreamStats()
+        self.text_encode_s = 0.0
+        self._stream: ChunkStream | None = None
+        self._decoder: Any = None
+        self._segments: list[tuple[int, Tensor]] = []
+
+    @property
+    def num_chunks(self) -> int | None:
+        return None if self.num_frames is None else self.num_frames // self.frames_per_chunk
+
+    @property
+    def num_pixel_frames(self) -> int | None:
+        """Pixel frames of the whole video once decoded (None without decoding or length)."""
+        if not self.decode or self.num_frames is None:
+            return None
+        return self.engine.decoder.num_pixel_frames(self.num_frames)
+
+    def _encode(self, frame: int, prompts: Prompts) -> Tensor:
+        try:
+            return self.engine.encode(prompts)
+        except ValueError as e:  # e.g. a word outside the toy vocabulary
+            raise ValueError(f"prompt at latent frame {frame}: {e}") from None
+
+    def start(
+        self, prompts: Prompts, *, seed: int = 0, schedule: Sequence[tuple[int, Prompts]] | None = None
+    ) -> None:
+        """Begin the video under ``prompts`` (a batch of one video per prompt), with optional scheduled switches.
+
+        Args:
+            prompts: The prompt(s) from frame 0.
+            seed: Seed of the initial noise and of the re-noising between steps.
+            schedule: Later switches ``[(start_frame, prompts), ...]`` on chunk boundaries.
+        """
+        engine = self.engine
+        entries = [(0, prompts), *[(int(frame), p) for frame, p in (schedule or [])]]
+        check_context_schedule(entries, self.frames_per_chunk, self.num_frames)
+        if len(entries) > 1 and engine.settings.sampler == "euler":
+            raise ValueError(_NO_SWITCH)
+        t0 = time.perf_counter()
+        self._segments = [(frame, self._encode(frame, p)) for frame, p in entries]
+        self.text_encode_s = time.perf_counter() - t0
+        batch = self._segments[0][1].shape[0]
+        if self.num_frames is None:
+            self._generator = torch.Generator(device=engine.device).manual_seed(seed)
+            self._noise = None
+        else:
+            self._noise, self._generator = engine.noise(batch, self.num_frames, seed)
+        sampler: ChunkSampler
+        if engine.settings.sampler == "euler":
+            sampler = _ClipChunks(engine, _batch(prompts), self._noise, self.frames_per_chunk)
+        else:
+            length = self.num_frames if self.num_frames is not None else self.window_frames + self.sink_frames
+            cache = stream_cache(engine.model, engine.geometry, batch, length, window_frames=self.window_frames,
+                                 sink_frames=self.sink_frames)
+            steps = engine.settings.schedule
+            sampler = FewStepChunks(engine.denoiser, cache, step_sigmas=steps.generator_sigmas().to(engine.device),
+                                    frames_per_chunk=self.frames_per_chunk,
+                                    context_sigma=engine.settings.context_noise / steps.num_train_timesteps,
+                                    noise_generator=self._generator)
+        self._stream = ChunkStream(sampler, frames_per_chunk=self.frames_per_chunk,
+                                   recache_on_switch=self.recache_on_switch, synchronize=self.synchronize,
+                                   device=engine.device)
+        self._decoder = engine.decoder.stream_decoder() if self.decode else None
+        self.stats = StreamStats()
+
+    def switch_prompt(self, prompts: Prompts) -> None:
+        """Generate under ``prompts`` from the next chunk on (replacing any later scheduled switch)."""
+        if self._stream is None:
+            raise RuntimeError("GenerationSession.switch_prompt before start()")
+        if self.engine.settings.sampler == "euler":
+            raise ValueError(_NO_SWITCH)
+        frame = self._stream.index * self.frames_per_chunk
+        self._segments = [s for s in self._segments if s[0] < frame] + [(frame, self._encode(frame, prompts))]
+
+    @property
+    def done(self) -> bool:
+        """All chunks of a fixed-length video are out (never for an endless one)."""
+        return self._stream is not None and self.num_chunks is not None and self._stream.index >= self.num_chunks
+
+    @torch.no_grad()
+    def next_chunk(self) -> DecodedChunk | None:
+        """The next chunk (latents, decoded frames when decoding, timings), or None at the end of the video."""
+        if self._stream is None:
+            raise RuntimeError("GenerationSession.next_chunk before start() (or after close())")
+        if self.done:
+            return None
+        f = self.frames_per_chunk
+        start = self._stream.index * f
+        segment = max(i for i, (frame, _) in enumerate(self._segments) if frame <= start)
+        if self._noise is not None:
+            noise = self._noise[:, start : start + f]
+        else:
+            shape = self.engine.geometry.latent_shape(self._segments[0][1].shape[0], f)
+            noise = torch.randn(shape, generator=self._generator, device=self.engine.device, dtype=self.engine.dtype)
+        chunk: StreamChunk = self._stream.next(noise, self._segments[segment][1], segment=segment)
+        if self._decoder is not None:
+            item = decode_chunk(chunk, self._decoder, synchronize=self.synchronize)
+        else:
+            item = DecodedChunk(chunk=chunk, frames=None, decode_s=0.0)
+        self.stats.update(chunk, pixel_frames=item.frames.shape[1] if item.frames is not None else 0,
+                          decode_s=item.decode_s)
+        return item
+
+    def __iter__(self) -> Iterator[DecodedChunk]:
+        while (item := self.next_chunk()) is not None:
+            yield item
+
+    def close(self) -> None:
+        """End the stream and release the cache, the noise and the decoder state."""
+        self._stream = None
+        self._decoder = None
+        self._noise = None
+        self._segments = []
