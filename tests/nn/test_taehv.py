@@ -320,7 +320,7 @@ def test_dtype_and_config_options(tmp_path: Path):
     with pytest.raises(ValueError, match="dtype"):
         TAEHVCodec(model=random_taehv(), dtype="int8")
     torch.save(model.state_dict(), tmp_path / "tiny.pth")
-    as_json = json.loads(json.dumps(TINY.__dict__))  # lists instead of tuples, as --codec_args gives them
+    as_json = json.loads(json.dumps(TINY.__dict__))  # lists instead of tuples, as a JSON object on the command line gives them
     assert TAEHVCodec(tmp_path / "tiny.pth", config=as_json).model.config == TINY
     with pytest.raises(ValueError, match="unknown fields"):
         TAEHVConfig.from_mapping({"latent_chans": 4})
@@ -343,21 +343,26 @@ def test_selectable_in_generate(tmp_path: Path):
 
     torch.set_num_threads(1)
     geo = VideoGeometry(num_frames=4, channels=12, height=2, width=2, frames_per_chunk=2)
-    module = SelfForcingDMD(teacher="debug", teacher_overrides={"in_channels": 12, "out_channels": 12}, geometry=geo)
+    from sfvideo.toy.encoders import ToyTextEncoder
+
+    module = SelfForcingDMD(teacher="debug", teacher_overrides={"in_channels": 12, "out_channels": 12}, geometry=geo,
+                            text_encoder=ToyTextEncoder())
     module.configure_model()
-    sd = {k: v for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    state = {"state_dict": dict(module.state_dict()), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(state)  # what Lightning saves: weights plus the run's record (no codec here)
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir()
-    torch.save({"state_dict": sd, "hyper_parameters": dict(module.hparams), "rank_local": {}}, ckpt)
+    torch.save(state, ckpt)
     cfg = TAEHVConfig(**{**TINY.__dict__, "latent_channels": 12})
     torch.save(random_taehv(cfg).state_dict(), tmp_path / "taehv12.pth")
 
     from sfvideo.generate import main
 
-    args = json.dumps({"path": str(tmp_path / "taehv12.pth"), "config": cfg.__dict__})
+    decoder = json.dumps({"class_path": "sfvideo.nn.taehv.TAEHVCodec",
+                          "init_args": {"path": str(tmp_path / "taehv12.pth"), "config": cfg.__dict__}})
     out = tmp_path / "t.mp4"
     res = main([str(ckpt), "--prompt", "a red circle moving left on a dark background", "-o", str(out),
-                "--codec", "sfvideo.nn.taehv.TAEHVCodec", "--codec_args", args, "--quiet"])
+                "--decoder", decoder, "--quiet"])
     assert res["pixel_frames"] == 1 + 4 * 3 and res["chunks"] == 2
     assert read_mp4(out).shape == (13, 16, 16, 3)
 

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sfvideo.diffusion.denoiser import Denoiser, _match_batch, cfg
+from sfvideo.diffusion.denoiser import Denoiser, cfg, match_batch
 from sfvideo.diffusion.rollout import refresh_chunk
-from sfvideo.diffusion.sampling import Guidance, _check_grid, sample_sigmas
+from sfvideo.diffusion.sampling import Guidance, check_grid, sample_sigmas
 from sfvideo.diffusion.schedule import FlowMatchSchedule
 
 Solver = Literal["euler", "unipc"]
@@ -70,7 +70,7 @@ class EulerFlowSolver(FlowSolver):
     (``x0 + (sigma_{j+1} / sigma_j)(x_j - x0)`` with ``x0 = x_j - sigma_j flow_j``), exact at ``sigma_n = 0``."""
 
     def __init__(self, sigmas: Tensor) -> None:
-        _check_grid(sigmas)
+        check_grid(sigmas)
         self.sigmas = sigmas.detach().to("cpu", torch.float64).tolist()
         self.model_sigmas = self.sigmas[:-1]
 
@@ -196,7 +196,7 @@ def causal_cfg_sample(
         )
     if guided and uncond_kv_cache is kv_cache:
         raise ValueError("uncond_kv_cache must be a different cache from kv_cache (the branches' K/V differ)")
-    uncond_b = _match_batch(uncond, b).to(context.dtype) if guided else None
+    uncond_b = match_batch(uncond, b).to(context.dtype) if guided else None
     kwargs = {"attention": "block_causal", "frames_per_chunk": f, **(model_kwargs or {})}
     make_flow_solver(solver, schedule, num_steps, sigmas=sigmas)  # validate the options before any model call
 

@@ -89,7 +89,7 @@ class Denoiser:
         return x0_from_flow(xt.to(self.precision), flow.to(self.precision), s).to(xt.dtype)
 
 
-def _match_batch(uncond: Tensor, batch: int) -> Tensor:
+def match_batch(uncond: Tensor, batch: int) -> Tensor:
     """Broadcast a shared negative-prompt embedding ``(1, L, D)`` to ``(B, L, D)``."""
     if uncond.shape[0] == batch:
         return uncond
@@ -123,7 +123,7 @@ def guided_x0(
         scale: Guidance scale in the official convention (see :func:`cfg`).
     """
     b = xt.shape[0]
-    uncond = _match_batch(uncond, b)
+    uncond = match_batch(uncond, b)
     can_batch = batched and model_kwargs.get("kv_cache") is None and cond.shape[1:] == uncond.shape[1:]
     if not can_batch:
         x0_cond = denoiser(xt, sigma, cond, **model_kwargs)

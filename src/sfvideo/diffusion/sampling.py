@@ -73,7 +73,7 @@ def refine_sigmas(sigmas: Tensor, include: Sequence[float] | Tensor, *, atol: fl
         include: Sigmas in ``[0, sigmas[0]]`` that must be grid points.
         atol: Snapping tolerance.
     """
-    _check_grid(sigmas)
+    check_grid(sigmas)
     grid = sigmas.detach().to("cpu", torch.float64)
     extra = torch.as_tensor(include, dtype=torch.float64).flatten().cpu()
     if extra.numel() and (extra.min() < 0 or extra.max() > grid[0] + atol):
@@ -91,7 +91,8 @@ def ode_sigmas(schedule: FlowMatchSchedule, num_steps: int, include: Sequence[fl
     return grid if include is None else refine_sigmas(grid, include)
 
 
-def _check_grid(sigmas: Tensor) -> None:
+def check_grid(sigmas: Tensor) -> None:
+    """Raise unless ``sigmas`` is a strictly descending 1-d grid of at least 2 points ending at 0."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be a 1-d grid of at least 2 points, got shape {tuple(sigmas.shape)}")
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
@@ -145,7 +146,7 @@ def euler_sample(
     Returns:
         :class:`SampleResult` with the final sample and the recorded states.
     """
-    _check_grid(sigmas)
+    check_grid(sigmas)
     if noise.ndim != 5:
         raise ValueError(f"noise must be (B, F, C, H, W), got shape {tuple(noise.shape)}")
     if guidance not in ("official", "standard"):

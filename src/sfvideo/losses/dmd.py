@@ -21,7 +21,7 @@ from sfvideo.diffusion.denoiser import Denoiser, guided_x0
 from sfvideo.diffusion.schedule import add_noise
 
 
-def _select(x: Tensor, mask: Tensor | None) -> Tensor:
+def select_frames(x: Tensor, mask: Tensor | None) -> Tensor:
     """Restrict ``(B, F, ...)`` to the masked frames: ``mask`` is ``(F,)`` or ``(B, F)`` bool."""
     if mask is None:
         return x
@@ -85,7 +85,7 @@ def dmd_loss(
         target = (x_sg.double() - grad.double()).detach()
 
     # 0.5 MSE in float64 (official): d loss / d x = grad / numel over the selected elements.
-    loss = 0.5 * F.mse_loss(_select(x.double(), mask), _select(target, mask), reduction="mean")
+    loss = 0.5 * F.mse_loss(select_frames(x.double(), mask), select_frames(target, mask), reduction="mean")
     logs = {
         "dmd_grad_norm": grad.abs().mean().float().detach(),
         "dmd_normaliser": normaliser.mean().float().detach(),

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from sfvideo.diffusion.denoiser import Denoiser, guided_x0
 from sfvideo.diffusion.schedule import add_noise
-from sfvideo.losses.dmd import _select
+from sfvideo.losses.dmd import select_frames
 
 
 def sid_loss(
@@ -85,7 +85,7 @@ def sid_loss(
     diff = r - f
     per_element = diff * ((r - xd) - alpha * diff) / normaliser.double()
     per_element = torch.nan_to_num(per_element)
-    loss = _select(per_element, mask).mean()
+    loss = select_frames(per_element, mask).mean()
     logs = {
         "sid_loss": loss.detach().float(),
         "sid_grad_norm": (diff.detach() / normaliser.double()).abs().mean().float(),

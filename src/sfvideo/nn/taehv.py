@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfvideo.nn.interfaces import StreamDecoder
+from sfvideo.nn.interfaces import RecordsInitArgs, StreamDecoder
 
 __all__ = [
     "TAEHV",
@@ -425,18 +425,19 @@ class TAEHVStreamDecoder(StreamDecoder):
         return frames
 
 
-class TAEHVCodec:
+class TAEHVCodec(RecordsInitArgs):
     """TAEHV as a ``sfvideo.nn.interfaces.VideoCodec`` over sfvideo's conventions (pixels in [-1, 1]).
 
-    Select it in ``sfvideo generate`` with ``--codec sfvideo.nn.taehv.TAEHVCodec --codec_args
-    '{"path": "checkpoints/taew2_1.pth", "device": "cuda"}'``.
+    Select it in ``sfvideo generate`` with ``--decoder sfvideo.nn.taehv.TAEHVCodec --decoder.path
+    checkpoints/taew2_1.pth --decoder.device cuda`` (decode only, the run's own codec stays recorded) or as
+    ``--codec``.
 
     Args:
         path: the weight file (``taew2_1.pth`` from github.com/madebyollin/taehv, or its ``.safetensors``); the
             user supplies it, nothing is downloaded. Give ``model`` instead to wrap an instance.
         model: a :class:`TAEHV` instance (tests, or weights loaded elsewhere).
         config: architecture of the file (default: ``taew2_1``); a mapping of :class:`TAEHVConfig` fields is
-            accepted too (``--codec_args`` JSON).
+            accepted too (a JSON object on the command line).
         dtype: ``"auto"`` (fp16 on CUDA as upstream and the Self Forcing demo, fp32 elsewhere), a name or a
             ``torch.dtype``; None keeps the instance's / file's dtype.
         device: where it runs; inputs are moved there.
