@@ -92,6 +92,7 @@ def generate_videos(name: str, checkpoint: Path, prompts: list[str], samples: in
     the seed of sample ``i`` is ``seed + i``). Existing files are kept, so an interrupted run resumes."""
     from sfvideo import generate as G
 
+    parser = G.build_parser()
     folder.mkdir(parents=True, exist_ok=True)
     for prompt in prompts:
         for i in range(samples):
@@ -101,7 +102,7 @@ def generate_videos(name: str, checkpoint: Path, prompts: list[str], samples: in
             argv = [str(checkpoint), "--prompt", prompt, "-o", str(target), "--seed", str(seed + i), "--quiet",
                     "--contact_sheet", "none", *shlex.split(extra)]
             try:
-                G.run(G.build_parser().parse_args(argv))
+                G.run(parser.instantiate(parser.parse_args(argv)))
             except G.GenerateError as e:
                 raise EvaluateError(f"--generator {name}: {e}")
     return folder

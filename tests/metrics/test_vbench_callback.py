@@ -59,7 +59,8 @@ def test_callback_config_is_typed():
 
     p = ArgumentParser()
     p.add_class_arguments(SampleEvaluator, "cb")
-    cfg = p.parse_args(["--cb.vbench.dino", "weights/dino", "--cb.every_n_generator_steps", "5"])
+    cfg = p.parse_args(["--cb.prompts", '["a red circle moving left on a dark background"]',
+                        "--cb.vbench.dino", "weights/dino", "--cb.every_n_generator_steps", "5"])
     assert p.instantiate_classes(cfg).cb.vbench.paths.dino == "weights/dino"
 
 

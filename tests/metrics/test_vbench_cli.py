@@ -92,11 +92,15 @@ def test_evaluate_generator_with_prompt_file(tmp_path):
     from sfvideo.training.module import SelfForcingDMD
 
     geo = VideoGeometry(num_frames=6, channels=12, height=4, width=4, frames_per_chunk=2)
-    m = SelfForcingDMD(teacher="debug", teacher_overrides={"in_channels": 12, "out_channels": 12}, geometry=geo)
+    from sfvideo.toy.encoders import ToyCodec, ToyTextEncoder
+
+    m = SelfForcingDMD(teacher="debug", teacher_overrides={"in_channels": 12, "out_channels": 12}, geometry=geo,
+                       text_encoder=ToyTextEncoder(), codec=ToyCodec(spatial_stride=2))
     m.configure_model()
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"state_dict": {k: v for k, v in m.state_dict().items() if not k.startswith("teacher.")},
-                "hyper_parameters": dict(m.hparams), "rank_local": {}}, ckpt)
+    state = {"state_dict": dict(m.state_dict()), "hyper_parameters": dict(m.hparams)}
+    m.on_save_checkpoint(state)  # what Lightning writes: weights and the run's record (encoders, settings)
+    torch.save(state, ckpt)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left on a dark background\na blue square moving up on a light background\n")
     out = tmp_path / "out"
