@@ -320,7 +320,7 @@ def test_dtype_and_config_options(tmp_path: Path):
     with pytest.raises(ValueError, match="dtype"):
         TAEHVCodec(model=random_taehv(), dtype="int8")
     torch.save(model.state_dict(), tmp_path / "tiny.pth")
-    as_json = json.loads(json.dumps(TINY.__dict__))  # lists instead of tuples, as a JSON object on the command line gives them
+    as_json = json.loads(json.dumps(TINY.__dict__))  # lists instead of tuples, as JSON on the command line gives
     assert TAEHVCodec(tmp_path / "tiny.pth", config=as_json).model.config == TINY
     with pytest.raises(ValueError, match="unknown fields"):
         TAEHVConfig.from_mapping({"latent_chans": 4})
