@@ -1,4 +1,5 @@
-"""A tiny random toy-shaped generator, saved as a diffusers folder with a generation card, and servers on it."""
+"""A tiny random toy-shaped generator, written the way real runs write it (a Lightning checkpoint of
+``SelfForcingDMD`` through its ``on_save_checkpoint``, then ``sfvideo export``), and servers on it."""
 
 import asyncio
 import threading
@@ -8,20 +9,6 @@ import torch
 
 PROMPT_A = "a red circle moving left on a dark background"
 PROMPT_B = "a blue square moving up on a light background"
-
-# The generation card of the tiny generator: toy encoders at their defaults (32-dim words, pixel-unshuffle by 2
-# = 12 latent channels), 8x8 latents = 16x16 pixels, chunks of 2 latent frames, a 6-frame window, 2 steps.
-CARD = """\
-train_frames: 6
-latent_height: 8
-latent_width: 8
-frames_per_chunk: 2
-denoising_steps: [1000, 500]
-shift: 5.0
-text_encoder: toy
-codec: toy
-device: cpu
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -34,23 +21,42 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def generator_folder(tmp_path_factory):
-    """``sfvideo export``'s format (diffusers folder) of a random debug-flavor WanTransformer, plus ``serve.yaml``."""
-    from sfvideo.nn.checkpoint import export_diffusers
-    from sfvideo.nn.wan import WanTransformer
+def generator_checkpoint(tmp_path_factory):
+    """What ``sfvideo fit`` saves: a random debug-flavor run with the toy encoders at their defaults (32-dim
+    words, pixel-unshuffle by 2 = 12 latent channels), 8x8 latents = 16x16 pixels, chunks of 2 latent frames, a
+    6-frame clip (the streams' rolling window), 2 steps."""
+    from sfvideo.config import StepSchedule
+    from sfvideo.geometry import VideoGeometry
+    from sfvideo.toy.encoders import ToyCodec, ToyTextEncoder
+    from sfvideo.training.module import SelfForcingDMD
 
-    torch.manual_seed(0)
-    model = WanTransformer.from_flavor("debug", in_channels=12, out_channels=12)
-    folder = export_diffusers(model, tmp_path_factory.mktemp("gen") / "generator")
-    (folder / "serve.yaml").write_text(CARD)
-    return folder
+    geometry = VideoGeometry(num_frames=6, channels=12, height=8, width=8, frames_per_chunk=2)
+    module = SelfForcingDMD(teacher="debug", teacher_overrides={"in_channels": 12, "out_channels": 12},
+                            geometry=geometry, text_encoder=ToyTextEncoder(), codec=ToyCodec(),
+                            schedule=StepSchedule(denoising_steps=(1000, 500)))
+    module.configure_model()
+    ckpt = {"state_dict": dict(module.state_dict()), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)  # the record of networks, settings and encoders, as Lightning saves it
+    path = tmp_path_factory.mktemp("run") / "last.ckpt"
+    torch.save(ckpt, path)
+    return path
 
 
-def load_generator(folder, *extra):
-    from sfvideo.serve.command import parse_args
+@pytest.fixture(scope="session")
+def generator_folder(generator_checkpoint, tmp_path_factory):
+    """``sfvideo export`` of that checkpoint: a diffusers folder with its ``sfvideo.json`` record."""
+    from sfvideo.export import export_checkpoint
+
+    return export_checkpoint(generator_checkpoint, tmp_path_factory.mktemp("export") / "generator")
+
+
+def load_generator(source, *extra):
+    """``ServeGenerator`` from ``sfvideo serve`` flags, through the command's own parsing."""
+    from sfvideo.serve.command import instantiate, parse_args
     from sfvideo.serve.session import ServeGenerator
 
-    return ServeGenerator.load(parse_args(["--generator", str(folder), *map(str, extra)]))
+    return ServeGenerator.load(instantiate(parse_args(["--generator", str(source), "--device", "cpu",
+                                                       *map(str, extra)])))
 
 
 @pytest.fixture(scope="session")

@@ -1,23 +1,18 @@
-"""``sfvideo serve`` on the command line: the bundled generator, generation cards, errors, Ctrl-C."""
+"""``sfvideo serve`` on the command line: the bundled generator, class-path flags, config files, errors, Ctrl-C."""
 
 import asyncio
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
-from conftest import PROMPT_A
+from conftest import PROMPT_A, load_generator
 
 from sfvideo.serve import command
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _error(argv):
@@ -35,28 +30,36 @@ def test_bundled_generator_absent_is_one_clear_line(monkeypatch, tmp_path):
 
 
 def test_bundled_generator_is_served_without_flags(monkeypatch, tmp_path, generator_folder):
+    """Once shipped it is an export like any other: its own record says everything (no card, no flags)."""
     monkeypatch.setattr(command, "assets_root", lambda: tmp_path)
     shutil.copytree(generator_folder, tmp_path / command.BUNDLED)
     args = command.parse_args(["--port", "0"])
-    assert args.checkpoint == str(tmp_path / command.BUNDLED) and args.card.endswith("serve.yaml")
-    assert (args.latent_height, args.frames_per_chunk, args.port) == (8, 2, 0)  # the card, then the flags
-    (tmp_path / command.BUNDLED / "serve.yaml").unlink()  # no card of its own: the packaged toy card
-    args = command.parse_args([])
-    assert Path(args.card).name == "toy_generator.yaml" and args.latent_height == 8 and args.train_frames == 21
+    assert args.generator == str(tmp_path / command.BUNDLED) and args.port == 0
+    from sfvideo.serve.session import ServeGenerator
+
+    info = ServeGenerator.load(command.instantiate(args)).describe()
+    assert (info["frame_width"], info["latent_frames_per_chunk"], info["window_frames"]) == (16, 2, 6)
 
 
-def test_the_toy_card_states_the_toy_recipe():
-    """The packaged card must describe what configs/toy/dmd.yaml trains (same geometry, steps and encoders)."""
-    card = yaml.safe_load((ROOT / "src/sfvideo/serve/toy_generator.yaml").read_text())
-    recipe = yaml.safe_load((ROOT / "configs/toy/dmd.yaml").read_text())["model"]["init_args"]
-    geo = recipe["geometry"]
-    assert (card["train_frames"], card["latent_height"], card["latent_width"], card["frames_per_chunk"]) == (
-        geo["num_frames"], geo["height"], geo["width"], geo["frames_per_chunk"])
-    assert card["denoising_steps"] == recipe["denoising_steps"] and card["shift"] == recipe["shift"]
-    assert card["warp_denoising_steps"] == recipe["warp_denoising_steps"]
-    assert json.loads(card["text_encoder_args"]) == recipe["text_encoder"]["init_args"]
-    assert json.loads(card["codec_args"]) == recipe["codec"]["init_args"]
-    command.build_parser().parse_args(["--config", str(ROOT / "src/sfvideo/serve/toy_generator.yaml")])
+@pytest.mark.skipif(not (command.assets_root() / command.BUNDLED).is_dir(), reason="toy generator not shipped yet")
+def test_the_shipped_toy_generator_serves_from_its_record():
+    from sfvideo.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(command.assets_root() / command.BUNDLED)
+    assert ckpt.kind == "export" and ckpt.settings.sampler == "few_step"
+    assert ckpt.text_encoder_spec and ckpt.codec_spec
+    load_generator(ckpt.path).check_prompt(PROMPT_A)
+
+
+def test_encoders_and_settings_from_class_path_flags_and_a_config_file(generator_checkpoint, tmp_path):
+    """The flags of ``sfvideo generate``: class paths with their init args, in a YAML file as on the line."""
+    config = tmp_path / "serve.yaml"
+    config.write_text("window_frames: 4\nsink_frames: 2\nschedule:\n  denoising_steps: [1000, 750, 500]\n"
+                      "decoder:\n  class_path: sfvideo.toy.encoders.ToyCodec\n  init_args:\n    scale: 0.5\n")
+    g = load_generator(generator_checkpoint, "--config", config, "--sink_frames", 0)  # the line wins
+    assert (g.window_frames, g.sink_frames) == (4, 0)
+    assert list(g.engine.settings.schedule.denoising_steps) == [1000, 750, 500]
+    assert type(g.engine.decoder).__name__ == "ToyCodec" and bool((g.engine.decoder.scale == 0.5).all())
 
 
 def test_missing_generator_bad_flags_and_taken_port_are_one_line(tmp_path, generator_folder):
@@ -67,6 +70,11 @@ def test_missing_generator_bad_flags_and_taken_port_are_one_line(tmp_path, gener
     assert "--threads must be positive" in _error(["--generator", str(generator_folder), "--threads", "0"])
     assert "--max_streams" in _error(["--generator", str(generator_folder), "--max_streams", "0"])
     assert "--pace" in _error(["--generator", str(generator_folder), "--pace", "fast"])
+    message = _error(["--generator", str(generator_folder), "--port", "0", "--codec", "sfvideo.toy.encoders.ToyCodec",
+                      "--codec.spatial_stride", "0"])
+    assert "cannot build" in message and "spatial_stride must be positive" in message
+    message = _error(["--generator", str(generator_folder), "--port", "0", "--window_frames", "3"])
+    assert "--window_frames=3" in message
     taken = command.bind("127.0.0.1", 0)
     try:
         message = _error(["--generator", str(generator_folder), "--port", str(taken.getsockname()[1])])

@@ -18,7 +18,7 @@ API::
     session.start("a red circle ...", seed=0, schedule=[(42, "a blue square ...")])
     for item in session:                                    # or session.next_chunk() until None
         item.chunk.latents, item.frames, item.decode_s      # StreamChunk, (B, t, 3, H, W), seconds
-    session.switch_prompt("a green star ...")              # from the next chunk on (LongLive re-cache)
+    session.switch_prompt("a green star ...")              # from the next chunk on (LongLive re-cache), any thread
     session.close()
 
 ``InferenceEngine(model, text_encoder=..., settings=InferenceSettings(...), decoder=...)``
@@ -31,9 +31,12 @@ API::
 
 ``GenerationSession``
     Per consumer: ``start(prompts, seed, schedule)``, ``next_chunk() -> DecodedChunk | None``,
-    ``switch_prompt(prompts)`` (at the next chunk), ``close()``; ``stats`` (``StreamStats``: latency, FPS,
-    transformer / decode / re-cache seconds), ``num_chunks``, ``num_pixel_frames``. ``endless=True`` streams until
-    closed (a server); otherwise ``num_frames`` latent frames (default: the training clip).
+    ``switch_prompt(prompts) -> segment`` (at the next chunk not yet begun; thread-safe, so a server calls it
+    while a chunk is generated), ``close()``; ``stats`` (``StreamStats``: latency, FPS, transformer / decode /
+    re-cache seconds), ``num_chunks``, ``num_pixel_frames``, ``kv_cache``. Prompts may be given as embeddings
+    from ``engine.encode`` (encoded on another thread). ``endless=True`` streams until closed (a server) in flat
+    memory (rolling cache, bounded history, past prompts dropped); otherwise ``num_frames`` latent frames (default:
+    the training clip).
 
 Samplers (``InferenceSettings.sampler``):
     ``few_step``: the causal generator, chunk by chunk on a rolling KV cache (``stream.FewStepChunks``);

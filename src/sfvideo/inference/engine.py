@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,10 @@ from sfvideo.nn.precision import cast_model, compute_dtype, model_device
 
 Prompts = str | Sequence[str]
 """One prompt, or one per sample of the batch."""
+
+PromptsOrEmbeddings = Prompts | Tensor
+"""Prompts, or their embeddings ``(B, L, D)`` from :meth:`InferenceEngine.encode` (e.g. encoded on another
+thread, so a switch costs the caller nothing)."""
 
 
 def cache_capacity(num_frames: int, window_frames: int | None, sink_frames: int = 0) -> int:
@@ -61,6 +66,15 @@ def stream_cache(
 
 def _batch(prompts: Prompts) -> list[str]:
     return [prompts] if isinstance(prompts, str) else list(prompts)
+
+
+def _embeddings(engine: InferenceEngine, prompts: PromptsOrEmbeddings) -> Tensor:
+    """``prompts`` encoded, or given embeddings ``(B, L, D)`` on the model's device and dtype."""
+    if isinstance(prompts, Tensor):
+        if prompts.dim() != 3:
+            raise ValueError(f"prompt embeddings must be (B, L, D), got shape {tuple(prompts.shape)}")
+        return prompts.to(device=engine.device, dtype=engine.dtype)
+    return engine.encode(prompts)
 
 
 class InferenceEngine:
@@ -186,10 +200,10 @@ class InferenceEngine:
         return self.decoder.decode(latents)
 
     @torch.no_grad()
-    def sample_clip(self, prompts: Prompts, noise: Tensor) -> Tensor:
+    def sample_clip(self, prompts: PromptsOrEmbeddings, noise: Tensor) -> Tensor:
         """A bidirectional model's whole clip: many-step Euler from ``noise`` with classifier-free guidance."""
         s = self.settings.sampling
-        cond = self.encode(prompts)
+        cond = _embeddings(self, prompts)
         out = euler_sample(self.denoiser, noise, cond, sigmas=sample_sigmas(s.schedule, s.num_steps),
                            uncond=self.negative(cond.shape[0]), guidance_scale=s.guidance_scale,
                            guidance=s.guidance)
@@ -202,13 +216,13 @@ _NO_SWITCH = "a bidirectional model samples the whole clip at once: it cannot sw
 class _ClipChunks:
     """The chunk sampler of a bidirectional model: the clip is sampled whole at the first chunk, then sliced."""
 
-    def __init__(self, engine: InferenceEngine, prompts: list[str], noise: Tensor, frames_per_chunk: int) -> None:
-        self.engine, self.prompts, self.noise, self.f = engine, prompts, noise, frames_per_chunk
+    def __init__(self, engine: InferenceEngine, noise: Tensor, frames_per_chunk: int) -> None:
+        self.engine, self.noise, self.f = engine, noise, frames_per_chunk
         self.clip: Tensor | None = None
 
     def denoise(self, noise: Tensor, context: Tensor, start_frame: int) -> Tensor:
-        if self.clip is None:
-            self.clip = self.engine.sample_clip(self.prompts, self.noise)
+        if self.clip is None:  # one prompt for the whole clip (no switches): the first chunk's embeddings
+            self.clip = self.engine.sample_clip(context, self.noise)
         return self.clip[:, start_frame : start_frame + self.f]
 
     def refresh(self, latents: Tensor, context: Tensor, start_frame: int) -> None:
@@ -227,6 +241,14 @@ class GenerationSession:
     A session serves one consumer (a ``generate`` call, a benchmark run, a browser connection): it holds the KV
     cache, the noise generator, the prompt embeddings in force and the decoder's causal state. Chunks are denoised
     on demand; each is decoded through the decoder's stream decoder before it is returned.
+
+    Prompts come as segments numbered from 0 (the ``start`` prompt), one more per scheduled or live switch; a
+    chunk's ``StreamChunk.segment`` is the number it was generated under. Only the segment in force and later
+    ones are kept, and the cache, the clean history of the re-cache and ``stats.per_chunk_s`` are bounded by the
+    rolling window, so an endless stream runs in flat memory.
+
+    Threads: :meth:`switch_prompt` may be called from any thread, also while :meth:`next_chunk` runs (a viewer
+    typing while a chunk is generated); the other methods belong to one thread at a time.
 
     Args:
         engine: The engine (network, encoders, settings).
@@ -280,11 +302,14 @@ class GenerationSession:
         self.window_frames, self.sink_frames = window, sink_frames
         self.recache_on_switch, self.decode = recache_on_switch, decode
         self.synchronize = engine.device.type == "cuda"
-        self.stats = StreamStats()
+        self.stats = self._new_stats()
         self.text_encode_s = 0.0
         self._stream: ChunkStream | None = None
         self._decoder: Any = None
-        self._segments: list[tuple[int, Tensor]] = []
+        # (start frame, segment number, embeddings) of the prompt in force and any later ones, in frame order.
+        self._segments: list[tuple[int, int, Tensor]] = []
+        self._next_frame = 0  # first frame of the next chunk not yet begun: where a live switch takes effect
+        self._lock = threading.Lock()  # guards _segments and _next_frame (switch_prompt comes from any thread)
 
     @property
     def num_chunks(self) -> int | None:
@@ -297,21 +322,38 @@ class GenerationSession:
             return None
         return self.engine.decoder.num_pixel_frames(self.num_frames)
 
-    def _encode(self, frame: int, prompts: Prompts) -> Tensor:
+    @property
+    def kv_cache(self) -> Any:
+        """The stream's KV cache (None for a bidirectional model, before :meth:`start` and after :meth:`close`)."""
+        return getattr(self._stream.sampler, "kv_cache", None) if self._stream is not None else None
+
+    def _new_stats(self) -> StreamStats:
+        # An endless stream keeps the per-chunk times of the chunks one cache window holds.
+        keep = None if self.num_frames is not None else (self.window_frames + self.sink_frames) // self.frames_per_chunk
+        return StreamStats(keep_chunks=keep)
+
+    def _encode(self, frame: int, prompts: PromptsOrEmbeddings, batch: int | None = None) -> Tensor:
         try:
-            return self.engine.encode(prompts)
+            context = _embeddings(self.engine, prompts)
         except ValueError as e:  # e.g. a word outside the toy vocabulary
             raise ValueError(f"prompt at latent frame {frame}: {e}") from None
+        if batch is not None and context.shape[0] != batch:
+            raise ValueError(f"prompt at latent frame {frame}: {context.shape[0]} prompt(s) for a batch of {batch}")
+        return context
 
     def start(
-        self, prompts: Prompts, *, seed: int = 0, schedule: Sequence[tuple[int, Prompts]] | None = None
+        self,
+        prompts: PromptsOrEmbeddings,
+        *,
+        seed: int = 0,
+        schedule: Sequence[tuple[int, PromptsOrEmbeddings]] | None = None,
     ) -> None:
         """Begin the video under ``prompts`` (a batch of one video per prompt), with optional scheduled switches.
 
         Args:
-            prompts: The prompt(s) from frame 0.
+            prompts: The prompt(s) from frame 0, or their embeddings ``(B, L, D)``.
             seed: Seed of the initial noise and of the re-noising between steps.
-            schedule: Later switches ``[(start_frame, prompts), ...]`` on chunk boundaries.
+            schedule: Later switches ``[(start_frame, prompts), ...]`` on chunk boundaries (segments 1, 2, ...).
         """
         engine = self.engine
         entries = [(0, prompts), *[(int(frame), p) for frame, p in (schedule or [])]]
@@ -319,9 +361,11 @@ class GenerationSession:
         if len(entries) > 1 and engine.settings.sampler == "euler":
             raise ValueError(_NO_SWITCH)
         t0 = time.perf_counter()
-        self._segments = [(frame, self._encode(frame, p)) for frame, p in entries]
+        first = self._encode(0, prompts)
+        batch = first.shape[0]
+        segments = [(0, 0, first)] + [(frame, i, self._encode(frame, p, batch))
+                                      for i, (frame, p) in enumerate(entries[1:], start=1)]
         self.text_encode_s = time.perf_counter() - t0
-        batch = self._segments[0][1].shape[0]
         if self.num_frames is None:
             self._generator = torch.Generator(device=engine.device).manual_seed(seed)
             self._noise = None
@@ -329,7 +373,7 @@ class GenerationSession:
             self._noise, self._generator = engine.noise(batch, self.num_frames, seed)
         sampler: ChunkSampler
         if engine.settings.sampler == "euler":
-            sampler = _ClipChunks(engine, _batch(prompts), self._noise, self.frames_per_chunk)
+            sampler = _ClipChunks(engine, self._noise, self.frames_per_chunk)
         else:
             length = self.num_frames if self.num_frames is not None else self.window_frames + self.sink_frames
             cache = stream_cache(engine.model, engine.geometry, batch, length, window_frames=self.window_frames,
@@ -343,16 +387,38 @@ class GenerationSession:
                                    recache_on_switch=self.recache_on_switch, synchronize=self.synchronize,
                                    device=engine.device)
         self._decoder = engine.decoder.stream_decoder() if self.decode else None
-        self.stats = StreamStats()
+        with self._lock:
+            self._segments, self._next_frame = segments, 0
+        self.stats = self._new_stats()
 
-    def switch_prompt(self, prompts: Prompts) -> None:
-        """Generate under ``prompts`` from the next chunk on (replacing any later scheduled switch)."""
-        if self._stream is None:
-            raise RuntimeError("GenerationSession.switch_prompt before start()")
+    def switch_prompt(self, prompts: PromptsOrEmbeddings) -> int:
+        """Generate under ``prompts`` from the next chunk not yet begun on (replacing any later switch).
+
+        Thread-safe: called while :meth:`next_chunk` runs on another thread, the chunk in flight keeps its prompt
+        and the one after it switches (LongLive re-cache). Text is encoded on the calling thread; pass
+        embeddings from :meth:`InferenceEngine.encode` to encode elsewhere (the switch then costs nothing).
+
+        Returns:
+            The number of the new prompt segment (``StreamChunk.segment`` of the chunks generated under it).
+        """
         if self.engine.settings.sampler == "euler":
             raise ValueError(_NO_SWITCH)
-        frame = self._stream.index * self.frames_per_chunk
-        self._segments = [s for s in self._segments if s[0] < frame] + [(frame, self._encode(frame, prompts))]
+        with self._lock:
+            self._check_started("switch_prompt")
+            frame, batch = self._next_frame, self._segments[0][2].shape[0]
+        context = self._encode(frame, prompts, batch)  # outside the lock: a text encoder takes a while
+        with self._lock:
+            self._check_started("switch_prompt")
+            frame = self._next_frame  # a chunk may have begun meanwhile
+            if self.num_frames is not None and frame >= self.num_frames:
+                raise ValueError(f"the video's {self.num_frames} latent frames are all generated: no chunk to switch")
+            number = self._segments[-1][1] + 1
+            self._segments = [s for s in self._segments if s[0] < frame] + [(frame, number, context)]
+        return number
+
+    def _check_started(self, method: str) -> None:
+        if not self._segments:
+            raise RuntimeError(f"GenerationSession.{method} before start() (or after close())")
 
     @property
     def done(self) -> bool:
@@ -367,14 +433,18 @@ class GenerationSession:
         if self.done:
             return None
         f = self.frames_per_chunk
-        start = self._stream.index * f
-        segment = max(i for i, (frame, _) in enumerate(self._segments) if frame <= start)
+        with self._lock:  # claim the chunk: from now on a live switch applies to the one after it
+            start = self._stream.index * f
+            while len(self._segments) > 1 and self._segments[1][0] <= start:
+                del self._segments[0]  # a prompt no chunk will use again
+            _, segment, context = self._segments[0]
+            self._next_frame = start + f
         if self._noise is not None:
             noise = self._noise[:, start : start + f]
         else:
-            shape = self.engine.geometry.latent_shape(self._segments[0][1].shape[0], f)
+            shape = self.engine.geometry.latent_shape(context.shape[0], f)
             noise = torch.randn(shape, generator=self._generator, device=self.engine.device, dtype=self.engine.dtype)
-        chunk: StreamChunk = self._stream.next(noise, self._segments[segment][1], segment=segment)
+        chunk: StreamChunk = self._stream.next(noise, context, segment=segment)
         if self._decoder is not None:
             item = decode_chunk(chunk, self._decoder, synchronize=self.synchronize)
         else:
@@ -392,4 +462,5 @@ class GenerationSession:
         self._stream = None
         self._decoder = None
         self._noise = None
-        self._segments = []
+        with self._lock:
+            self._segments = []

@@ -57,7 +57,8 @@ class StreamChunk:
     latents: Tensor
     """Clean latents ``(B, f, C, H, W)``."""
     segment: int
-    """Index of the prompt (entry of the context schedule) this chunk was generated under."""
+    """Number of the prompt this chunk was generated under: its entry in the context schedule (a
+    ``GenerationSession`` numbers live switches on from there); a change of segment is a prompt switch."""
     recached: bool
     """A prompt switch (cross reset + self-attention re-cache) happened right before this chunk."""
     transformer_s: float
@@ -428,7 +429,9 @@ class StreamStats:
     recache_s: float = 0.0
     decode_s: float = 0.0
     per_chunk_s: list[float] = field(default_factory=list)
-    """Transformer + decode seconds of each chunk."""
+    """Transformer + decode seconds of each chunk (the last ``keep_chunks`` of them)."""
+    keep_chunks: int | None = None
+    """Length of ``per_chunk_s`` (None: every chunk); bounded on an endless stream, so its memory stays flat."""
 
     def update(self, chunk: StreamChunk, pixel_frames: int = 0, decode_s: float = 0.0) -> None:
         now = time.perf_counter()
@@ -441,6 +444,8 @@ class StreamStats:
         self.recache_s += chunk.recache_s
         self.decode_s += decode_s
         self.per_chunk_s.append(chunk.transformer_s + decode_s)
+        if self.keep_chunks is not None and len(self.per_chunk_s) > self.keep_chunks:
+            del self.per_chunk_s[0]
 
     @property
     def wall_s(self) -> float:

@@ -2,17 +2,19 @@
 
     sfvideo serve                                    # the toy world's distilled generator shipped in the package
     sfvideo serve --generator runs/toy/checkpoints/last.ckpt
-    sfvideo serve --generator exported/generator --latent_height 60 --latent_width 104 --text_encoder umt5 \\
-        --codec wan --codec_args '{"path": "Wan2.1-T2V-1.3B-Diffusers/vae"}'
+    sfvideo serve --generator exported/generator --port 8080 --max_streams 2
+    sfvideo serve --generator exported/generator --decoder sfvideo.nn.taehv.TAEHVCodec --decoder.path taew2_1.pth
 
-Open the printed address, type a prompt and press Enter. ``--generator`` takes what ``sfvideo generate`` takes: a
-Lightning checkpoint of ``SelfForcingDMD`` (geometry, steps and encoders from its hyper-parameters and the run's
-``config.yaml``) or a diffusers folder (an ``sfvideo export``); a folder may carry a **generation card**,
-``serve.yaml``, whose keys are this command's flags (geometry, steps, encoders), so that it serves with no other
-flag. Flags given on the command line override the card.
+Open the printed address, type a prompt and press Enter. ``--generator`` takes what ``sfvideo generate`` takes
+(``sfvideo.checkpoints.read_checkpoint``): a Lightning checkpoint of a training module or an ``sfvideo export``
+folder, which record their geometry, steps, chunking, window, text encoder and codec, so the path alone is enough;
+or bare weights (a diffusers folder, a Wan2.1 file, a Self Forcing ``.pt``), for which ``--geometry.*``,
+``--schedule.*``, ``--context_noise`` and the encoders are given. ``--text_encoder``, ``--codec`` and ``--decoder``
+are jsonargparse class paths with their init args as ``--codec.ARG VALUE`` (the flags of ``sfvideo generate``)
+and replace the recorded pieces; ``--config FILE`` reads any of these flags from a YAML file.
 
-The bundled toy generator is ``src/sfvideo/assets/toy_generator/`` (an ``sfvideo export`` of the toy Self Forcing
-run); its card is the folder's ``serve.yaml`` if present, else ``sfvideo/serve/toy_generator.yaml``.
+The bundled toy generator is ``src/sfvideo/assets/toy_generator/``, an ``sfvideo export`` of the toy Self
+Forcing run: it describes itself like any export.
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 PROG = "sfvideo serve"
-CARD_NAME = "serve.yaml"
-"""The generation card inside a generator folder."""
 BUNDLED = "toy_generator"
 """The bundled generator's folder under ``sfvideo/assets``."""
 
@@ -41,10 +41,12 @@ def _fail(message: str) -> None:
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from sfvideo.serve.session import add_generator_arguments
+
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
-    p.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options (a generation card).")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options.")
     p.add_argument("--generator", type=str | None, default=None,
-                   help="Lightning .ckpt or diffusers folder (default: the bundled toy generator).")
+                   help="Lightning .ckpt, export folder, or bare weights (default: the bundled toy generator).")
     p.add_argument("--host", type=str, default="127.0.0.1", help="Address to bind (loopback by default).")
     p.add_argument("--port", type=int, default=8000, help="Port to bind (0: any free port).")
     p.add_argument("--max_streams", type=int, default=1, help="Streams generated at once; more viewers are told "
@@ -55,32 +57,10 @@ def build_parser():
     p.add_argument("--jpeg_quality", type=int, default=90, help="JPEG quality of the streamed frames (1-95).")
     p.add_argument("--max_stream_s", type=float, default=600.0, help="Stop a stream after this many seconds of "
                                                                      "video (0: never).")
-    p.add_argument("--max_prompt_chars", type=int, default=500, help="Longest prompt accepted.")
     p.add_argument("--seed", type=int | None, default=None, help="Seed of every stream (default: random, shown).")
-    p.add_argument("--window_frames", type=int | None, default=None,
-                   help="Rolling KV-cache window in latent frames (default: the training window or clip).")
-    p.add_argument("--sink_frames", type=int, default=0, help="First frames kept in the cache forever.")
-    p.add_argument("--no_recache", action="store_true", help="On a prompt switch reset only the cross-attention.")
-    p.add_argument("--use_ema", action="store_true", help="Use the EMA weights of a Lightning checkpoint.")
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", type=str | None, default=None, help="float32/bfloat16/float16 (default: bf16 on CUDA).")
     p.add_argument("--threads", type=int | None, default=None,
                    help="CPU threads of torch (default: torch's choice; 1 is fastest on a busy or 2-core CPU).")
-    p.add_argument("--text_encoder", type=str, default="auto",
-                   help="auto (the run's config.yaml, else toy), toy, umt5, or a class path.")
-    p.add_argument("--text_encoder_args", type=str | None, default=None, help="JSON init args of the text encoder.")
-    p.add_argument("--codec", type=str, default="auto", help="auto, toy, wan, or a class path.")
-    p.add_argument("--codec_args", type=str | None, default=None, help="JSON init args of the codec.")
-    g = p.add_argument_group("Diffusers folders (a Lightning checkpoint states these itself)")
-    g.add_argument("--latent_height", type=int, default=60)
-    g.add_argument("--latent_width", type=int, default=104)
-    g.add_argument("--train_frames", type=int, default=21, help="Latent frames of the training clip.")
-    g.add_argument("--frames_per_chunk", type=int | None, default=None, help="Latent frames per chunk (default 3, "
-                                                                             "or the checkpoint's).")
-    g.add_argument("--denoising_steps", type=list[int], default=[1000, 750, 500, 250])
-    g.add_argument("--warp_denoising_steps", type=bool, default=True)
-    g.add_argument("--shift", type=float, default=5.0)
-    g.add_argument("--context_noise", type=float, default=0.0)
+    add_generator_arguments(p)
     return p
 
 
@@ -89,38 +69,35 @@ def assets_root() -> Path:
     return Path(str(resources.files("sfvideo") / "assets"))
 
 
-def bundled_generator() -> tuple[Path, Path]:
-    """The bundled toy generator's folder and its generation card; one-line error while it is not shipped."""
+def bundled_generator() -> Path:
+    """The bundled toy generator's folder; one-line error while it is not shipped."""
     folder = assets_root() / BUNDLED
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         _fail(f"the bundled toy generator is not shipped yet (no weights in {folder}); pass --generator "
-              f"<Lightning .ckpt | diffusers folder>")
-    card = folder / CARD_NAME
-    if not card.is_file():
-        card = Path(str(resources.files("sfvideo.serve") / f"{BUNDLED}.yaml"))
-    return folder, card
+              f"<Lightning .ckpt | export folder>")
+    return folder
 
 
 def parse_args(argv: Sequence[str]) -> Any:
-    """Parse the flags; a generator folder's card (or the bundled generator's) gives defaults the flags override."""
-    parser = build_parser()
-    argv = list(argv)
-    args = parser.parse_args(argv)
-    card: Path | None = None
+    """Parse the flags (encoders stay class paths until :func:`instantiate`); ``generator`` is the path to serve."""
+    args = build_parser().parse_args(list(argv))
     if args.generator is None:
-        folder, card = bundled_generator()
-        source = folder
-    else:
-        source = Path(args.generator)
-        if not source.exists():
-            _fail(f"--generator not found: {source}")
-        if source.is_dir() and (source / CARD_NAME).is_file():
-            card = source / CARD_NAME
-    if card is not None:
-        args = parser.parse_args(["--config", str(card), *argv])
-    args.checkpoint = str(source)
-    args.card = str(card) if card is not None else None
+        args.generator = str(bundled_generator())
+    elif not Path(args.generator).exists():
+        _fail(f"--generator not found: {args.generator}")
     return args
+
+
+def instantiate(args: Any) -> Any:
+    """The parsed flags with ``--text_encoder``, ``--codec``, ``--decoder``, ``--geometry``, ``--schedule`` built
+    (a text encoder or codec may load weights: done after the port is bound)."""
+    try:
+        return build_parser().instantiate(args)
+    except Exception as e:  # noqa: BLE001 - the constructor's own error, as one line
+        while e.__cause__ is not None:  # jsonargparse wraps it in its union-type report
+            e = e.__cause__
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(f"cannot build the encoders or settings given: {reason}")
 
 
 def settings_from(args: Any):
@@ -182,11 +159,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     sock = bind(args.host, args.port)  # before loading: a taken port fails in a second, not after the model
-    print(f"{PROG}: loading {args.checkpoint}" + (f" (card {args.card})" if args.card else ""), flush=True)
+    print(f"{PROG}: loading {args.generator}", flush=True)
     try:
+        args = instantiate(args)
         generator = ServeGenerator.load(args)
     except ServeError as e:
+        sock.close()
         _fail(str(e))
+    except BaseException:
+        sock.close()
+        raise
     server = StreamServer(generator, settings)
     info = generator.describe()
 

@@ -1,36 +1,31 @@
 """The serving adapter: the one module of ``sfvideo.serve`` that touches the generation code.
 
-The server sees two objects, and only through the methods below, so pointing the server at another inference
-engine means rewriting this file only:
+It is a thin layer over the inference engine (``sfvideo.inference``): the generator is read with
+``checkpoints.read_checkpoint`` and built with ``InferenceEngine.from_checkpoint`` (a Lightning checkpoint or an
+``sfvideo export`` folder records its geometry, steps, text encoder and codec, so its path is enough), and every
+stream is one ``GenerationSession(endless=True)``: the engine's chunk loop, rolling KV cache, prompt switch with
+LongLive re-cache, streaming decode and per-chunk timings. The server sees two objects, and only through the
+methods below:
 
-- :class:`ServeGenerator`, loaded once per server and shared by every connection (weights, text encoder, codec,
-  geometry, device): :meth:`~ServeGenerator.load`, :meth:`~ServeGenerator.describe`,
-  :meth:`~ServeGenerator.check_prompt` (cheap, on the event loop), :meth:`~ServeGenerator.encode_prompt`
-  (runs the text encoder, in a worker thread) and :meth:`~ServeGenerator.new_session`;
-- :class:`StreamSession`, one per stream, owning its KV cache, clean-latent history, stream decoder and random
-  generators: :meth:`~StreamSession.start`, :meth:`~StreamSession.switch` (takes effect at the next chunk),
-  :meth:`~StreamSession.next_chunk` (blocking: the server calls it from a worker thread) and
-  :meth:`~StreamSession.close`.
+- :class:`ServeGenerator`, loaded once per server and shared by every connection (the engine: weights, text
+  encoder, decoder, settings, device): :meth:`~ServeGenerator.load`, :meth:`~ServeGenerator.describe`,
+  :meth:`~ServeGenerator.check_prompt` (cheap, on the event loop), :meth:`~ServeGenerator.encode_prompt` (runs
+  the text encoder, in a worker thread) and :meth:`~ServeGenerator.new_session`;
+- :class:`StreamSession`, one per stream (its own engine session: KV cache, clean-latent history, stream
+  decoder, noise generator): :meth:`~StreamSession.start`, :meth:`~StreamSession.switch` (takes effect at the
+  next chunk; safe while a chunk is generated), :meth:`~StreamSession.next_chunk` (blocking: the server calls it
+  from a worker thread) and :meth:`~StreamSession.close`.
 
-An interactive stream has no end and its prompt changes when the viewer types, so the fixed-schedule iterator
-``sfvideo.streaming.stream`` cannot drive it. :meth:`StreamSession.next_chunk` is that iterator's loop body, one
-chunk per call, with the context read at each call: the previous chunk's deferred clean refresh, then on a prompt
-switch the LongLive re-cache (``streaming.recache``), then the chunk's few denoising steps
-(``rollout.generate_latents``), then the codec's streaming decode. Given the same noise and the same switch
-points the chunks equal ``stream``'s bit for bit (``tests/serve/test_session.py``). Each chunk's initial noise is
-drawn when the chunk starts, so a stream of any length holds no noise tensor for its future; the cache rolls
-(``window_frames`` recent frames plus ``sink_frames`` first frames) and the history keeps only the held frames,
-so memory is flat.
+What is left here is what only a server needs: prompt validation with reasons for the page, the prompt text of
+each chunk, uint8 frames, and the page's description of the generator.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +39,14 @@ class ServeError(ValueError):
 
 class PromptError(ValueError):
     """A prompt the generator cannot take; the message is the reason shown on the page."""
+
+
+KEYS = {"geometry": "--geometry", "text_encoder": "--text_encoder", "codec": "--codec (or --decoder)",
+        "network": "the generator"}
+"""The pieces of the generator by their ``sfvideo serve`` flags, for the engine's error messages."""
+
+SESSION_FLAGS = ("frames_per_chunk", "window_frames", "sink_frames")
+"""Stream options whose engine errors name the parameter: shown as the flag."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class ChunkFrames:
     latents: Tensor
     """Clean latents ``(1, f, C, h, w)`` (kept for tests; the server drops them)."""
     segment: int
-    """How many prompt switches happened before this chunk (0 = the starting prompt)."""
+    """Number of the prompt the chunk was generated under (0 = the starting prompt, one more per switch)."""
     prompt: str
     """The prompt this chunk was generated under."""
     recached: bool
@@ -79,95 +82,129 @@ class ChunkFrames:
     decode_s: float
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def add_generator_arguments(parser: Any) -> None:
+    """The flags of the generator and its streams (names and types of ``sfvideo generate``'s), on a jsonargparse
+    parser; :meth:`ServeGenerator.load` reads them once instantiated."""
+    from sfvideo.config import StepSchedule
+    from sfvideo.geometry import VideoGeometry
+    from sfvideo.nn.interfaces import TextEncoder, VideoCodec, VideoDecoder
+
+    p = parser
+    p.add_argument("--max_prompt_chars", type=int, default=500, help="Longest prompt accepted.")
+    p.add_argument("--frames_per_chunk", type=int | None, default=None,
+                   help="Latent frames per chunk (default: the checkpoint's; 1 = frame-wise).")
+    p.add_argument("--window_frames", type=int | None, default=None,
+                   help="Rolling KV-cache window in latent frames (default: the training window or clip).")
+    p.add_argument("--sink_frames", type=int, default=0, help="First frames kept in the cache forever.")
+    p.add_argument("--no_recache", action="store_true", help="On a prompt switch reset only the cross-attention.")
+    p.add_argument("--use_ema", action="store_true", help="Use the EMA weights of a Lightning checkpoint.")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", type=str | None, default=None, help="float32/bfloat16/float16 (default: bf16 on CUDA).")
+    p.add_argument("--text_encoder", type=TextEncoder | None, default=None,
+                   help="Text encoder class (default: the checkpoint's), e.g. sfvideo.toy.encoders.ToyTextEncoder.")
+    p.add_argument("--codec", type=VideoCodec | None, default=None,
+                   help="Codec class (default: the checkpoint's), e.g. sfvideo.nn.wan_vae.WanVAECodec.")
+    p.add_argument("--decoder", type=VideoDecoder | None, default=None,
+                   help="Decoder of the frames in place of the codec's (e.g. sfvideo.nn.taehv.TAEHVCodec).")
+    g = p.add_argument_group("Settings (default: the checkpoint's; needed for bare weights, which record none)")
+    g.add_argument("--geometry", type=VideoGeometry | None, default=None, help="Latent geometry of training.")
+    g.add_argument("--schedule", type=StepSchedule | None, default=None, help="The few-step list and shift.")
+    g.add_argument("--context_noise", type=float | None, default=None, help="Timestep of the cache refresh noise.")
+
+
+def _flag_message(error: Exception) -> str:
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"--{message}" if message.startswith(SESSION_FLAGS) else message
 
 
 class ServeGenerator:
-    """A generator ready to serve: model, encoders, geometry and streaming settings (shared by all sessions).
+    """A generator ready to serve: the engine and the stream options (shared by all sessions).
 
     Build it with :meth:`load` from the ``sfvideo serve`` arguments. The model is only read: every session passes
     its own KV cache to ``forward``, so sessions may run in parallel threads.
+
+    Args:
+        engine: The ``InferenceEngine`` (few-step causal sampler, with a decoder).
+        source: What it was loaded from (shown on the page).
+        frames_per_chunk / window_frames / sink_frames / recache_on_switch: Options of every stream
+            (``GenerationSession``; None: the checkpoint's chunking and window).
+        max_prompt_chars: Longest prompt accepted.
     """
 
-    def __init__(self, *, loaded: Any, model: torch.nn.Module, text_encoder: Any, codec: Any, device: torch.device,
-                 dtype: torch.dtype, frames_per_chunk: int, window_frames: int, sink_frames: int,
-                 recache_on_switch: bool, max_prompt_chars: int) -> None:
-        from sfvideo.diffusion.denoiser import Denoiser
-
-        self.source = loaded.source
-        self.geometry = loaded.geometry
-        self.model = model
-        self.denoiser = Denoiser(model)
-        self.step_sigmas = loaded.step_sigmas.to(device)
-        self.context_sigma = float(loaded.context_sigma)
-        self.text_encoder = text_encoder
-        self.codec = codec
-        self.device = device
-        self.dtype = dtype
-        self.frames_per_chunk = frames_per_chunk
-        self.window_frames = window_frames
-        self.sink_frames = sink_frames
-        self.capacity_frames = window_frames + sink_frames
+    def __init__(self, engine: Any, *, source: str, frames_per_chunk: int | None = None,
+                 window_frames: int | None = None, sink_frames: int = 0, recache_on_switch: bool = True,
+                 max_prompt_chars: int = 500) -> None:
+        if max_prompt_chars <= 0:
+            raise ServeError(f"--max_prompt_chars must be positive, got {max_prompt_chars}")
+        if engine.decoder is None:
+            raise ServeError(f"{source} records no codec: serving needs one to show frames (give --codec CLASS_PATH "
+                             f"or --decoder CLASS_PATH)")
+        self.engine = engine
+        self.source = source
+        self._options = dict(endless=True, frames_per_chunk=frames_per_chunk, window_frames=window_frames,
+                             sink_frames=sink_frames, recache_on_switch=recache_on_switch, decode=True)
+        try:  # the engine checks the options; a probe session knows the defaults they resolve to
+            probe = engine.session(**self._options)
+        except ValueError as e:
+            raise ServeError(_flag_message(e)) from None
+        self.frames_per_chunk = probe.frames_per_chunk
+        self.window_frames = probe.window_frames
+        self.sink_frames = probe.sink_frames
+        self.capacity_frames = self.window_frames + self.sink_frames
         self.recache_on_switch = recache_on_switch
         self.max_prompt_chars = max_prompt_chars
+        text_encoder = engine.text_encoder
         vocab = getattr(text_encoder, "vocab", None)
         # A word-table encoder (the toy world's) knows a closed vocabulary: check words before encoding.
         self.vocabulary: list[str] | None = sorted(vocab) if isinstance(vocab, Mapping) else None
         self.max_words: int | None = int(text_encoder.text_len) if self.vocabulary is not None else None
-        stride = int(getattr(codec, "spatial_stride", 1))
-        self.frame_height = self.geometry.height * stride
-        self.frame_width = self.geometry.width * stride
+        stride = int(getattr(engine.decoder, "spatial_stride", 1))
+        self.frame_height = engine.geometry.height * stride
+        self.frame_width = engine.geometry.width * stride
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    @property
+    def geometry(self) -> Any:
+        return self.engine.geometry
 
     # -------------------------------------------------------------- loading
     @classmethod
     def load(cls, args: Any) -> ServeGenerator:
-        """Load from the ``sfvideo serve`` arguments (the ``sfvideo generate`` loading path and flag names).
+        """Load from the (instantiated) ``sfvideo serve`` arguments, as ``sfvideo generate`` loads its source.
 
-        ``args.checkpoint`` is a Lightning ``.ckpt`` of ``SelfForcingDMD`` or anything
-        ``sfvideo.nn.checkpoint.load_transformer`` reads (a diffusers folder first of all).
+        ``args.generator`` is anything ``checkpoints.read_checkpoint`` reads: a Lightning ``.ckpt`` or an export
+        folder (everything recorded), or bare weights (a diffusers folder...: the settings from ``--geometry`` /
+        ``--schedule`` / ``--context_noise``, the encoders from ``--text_encoder`` / ``--codec``). ``--codec``,
+        ``--decoder`` and ``--text_encoder`` replace the recorded pieces.
         """
-        from sfvideo.generate import GenerateError, _device, _dtype, build_encoder, cast_model, load_generator
+        from sfvideo.checkpoints import read_checkpoint
+        from sfvideo.config import InferenceSettings
+        from sfvideo.generate import GenerateError, resolve_device, resolve_dtype
+        from sfvideo.inference import InferenceEngine
+        from sfvideo.nn.checkpoint import CheckpointError
 
         try:
-            device = _device(args.device)
-            dtype = _dtype(args.dtype, device)
-            loaded = load_generator(args)
-            checkpoint = Path(args.checkpoint)
-            text_encoder = build_encoder("text_encoder", args.text_encoder, args.text_encoder_args, checkpoint,
-                                         loaded)
-            codec = build_encoder("codec", args.codec, args.codec_args, checkpoint, loaded)
-        except GenerateError as e:
-            raise ServeError(str(e)) from None
-        if text_encoder is None:
-            raise ServeError("--text_encoder none: serving needs a text encoder")
-        if codec is None:
-            raise ServeError("--codec none: serving needs a codec to show frames")
-        geo = loaded.geometry
-        f = args.frames_per_chunk or geo.frames_per_chunk
-        if f <= 0:
-            raise ServeError(f"--frames_per_chunk must be positive, got {f}")
-        model_cfg = getattr(loaded.model, "config", None)
-        text_dim = model_cfg.get("text_dim") if hasattr(model_cfg, "get") else None
-        if text_dim is not None and getattr(text_encoder, "dim", text_dim) != text_dim:
-            raise ServeError(f"text encoder {type(text_encoder).__name__} gives {text_encoder.dim}-dim embeddings "
-                             f"but the generator expects text_dim={text_dim} (choose --text_encoder)")
-        if getattr(codec, "latent_channels", geo.channels) != geo.channels:
-            raise ServeError(f"codec {type(codec).__name__} has {codec.latent_channels} latent channels, the "
-                             f"generator {geo.channels} (choose --codec / --codec_args)")
-        # A stream is unbounded: the cache always rolls, over the training window (or the training clip).
-        window = args.window_frames if args.window_frames is not None else (loaded.window_frames or geo.num_frames)
-        if window < f or window % f:
-            raise ServeError(f"--window_frames={window} must be a positive multiple of the chunk size {f}")
-        if args.sink_frames < 0 or args.sink_frames % f:
-            raise ServeError(f"--sink_frames={args.sink_frames} must be a non-negative multiple of the chunk size {f}")
-        if args.max_prompt_chars <= 0:
-            raise ServeError(f"--max_prompt_chars must be positive, got {args.max_prompt_chars}")
-        # Encoders stay where their init args put them (as in `sfvideo generate`): umT5 may be offloaded.
-        model = cast_model(loaded.model, dtype).to(device).eval()
-        return cls(loaded=loaded, model=model, text_encoder=text_encoder, codec=codec, device=device, dtype=dtype,
-                   frames_per_chunk=f, window_frames=window, sink_frames=args.sink_frames,
+            device = resolve_device(args.device)
+            dtype = resolve_dtype(args.dtype, device)
+            ckpt = read_checkpoint(args.generator)
+            overrides = {"geometry": args.geometry, "schedule": args.schedule, "context_noise": args.context_noise}
+            settings = replace(ckpt.settings or InferenceSettings(),
+                               **{k: v for k, v in overrides.items() if v is not None})
+            decoder = args.decoder if args.decoder is not None else args.codec
+            engine = InferenceEngine.from_checkpoint(ckpt, device=device, dtype=dtype, use_ema=args.use_ema,
+                                                     settings=settings, text_encoder=args.text_encoder,
+                                                     decoder=decoder, keys=KEYS)
+        except (GenerateError, CheckpointError, FileNotFoundError, ValueError) as e:
+            raise ServeError(_flag_message(e)) from None
+        return cls(engine, source=str(ckpt.path), frames_per_chunk=args.frames_per_chunk,
+                   window_frames=args.window_frames, sink_frames=args.sink_frames,
                    recache_on_switch=not args.no_recache, max_prompt_chars=args.max_prompt_chars)
 
     def describe(self) -> dict[str, Any]:
@@ -223,11 +260,10 @@ class ServeGenerator:
         """Check and encode a prompt (runs the text encoder: call it off the event loop)."""
         norm = self.check_prompt(text)
         try:
-            with torch.no_grad():
-                context = self.text_encoder.encode([norm])
+            context = self.engine.encode([norm])
         except ValueError as e:
             raise PromptError(str(e).splitlines()[0] if str(e) else "the text encoder rejected the prompt") from None
-        return Prompt(norm, context.to(device=self.device, dtype=self.dtype))
+        return Prompt(norm, context)
 
     # -------------------------------------------------------------- sessions
     def new_session(self, seed: int) -> StreamSession:
@@ -235,116 +271,62 @@ class ServeGenerator:
 
 
 class StreamSession:
-    """One viewer's stream: its own KV cache, clean-latent history, stream decoder and random generators.
+    """One viewer's stream: an endless ``GenerationSession`` of the engine, and the prompt text of each segment.
 
     Not thread-safe except :meth:`switch`, which may be called from another thread while :meth:`next_chunk` runs
-    (the switch is picked up when the next chunk starts).
+    (the chunk in flight keeps its prompt, the next one switches).
     """
 
     def __init__(self, generator: ServeGenerator, *, seed: int) -> None:
-        from sfvideo.streaming import _CleanHistory
-
-        g = generator
-        self.generator = g
+        self.generator = generator
         self.seed = seed
-        # Two streams of random numbers: the chunks' initial noise and the re-noising between steps (and context
-        # noise). One call to next_chunk draws the same amounts whatever the other stream did.
-        self._noise_gen = torch.Generator(device=g.device).manual_seed(seed)
-        self._step_gen = torch.Generator(device=g.device).manual_seed(seed + 1)
-        self.kv_cache = g.model.new_kv_cache(1, g.geometry.tokens_per_frame, g.capacity_frames,
-                                             sink_frames=g.sink_frames, window_frames=g.window_frames,
-                                             dtype=g.dtype, device=g.device)
-        self._history = _CleanHistory()
-        self._decoder = g.codec.stream_decoder()
-        self._lock = threading.Lock()
-        self._prompt: Prompt | None = None
-        self._pending: Prompt | None = None
-        self._deferred: tuple[int, Tensor, Tensor] | None = None  # (start, latents, context) awaiting refresh
-        self._index = 0
-        self._segment = 0
+        self._session = generator.engine.session(**generator._options)
+        self._lock = threading.Lock()  # switch() and next_chunk() both touch the prompt texts
+        self._texts: dict[int, str] = {}  # segment number -> prompt, for the segment in force and later ones
+        self._chunks = 0
         self.closed = False
 
     @property
+    def kv_cache(self) -> Any:
+        """The stream's KV cache (None once closed)."""
+        return self._session.kv_cache
+
+    @property
     def chunks_done(self) -> int:
-        return self._index
+        return self._chunks
 
     def start(self, prompt: Prompt) -> None:
         """Set the prompt of the first chunk."""
-        if self._index:
+        if self._chunks:
             raise RuntimeError("StreamSession.start: the stream has already started")
-        self._prompt = prompt
+        self._session.start(prompt.context, seed=self.seed)
+        self._texts = {0: prompt.text}
 
     def switch(self, prompt: Prompt) -> None:
         """Use ``prompt`` from the next chunk on (re-caching the held frames under it)."""
         with self._lock:
-            self._pending = prompt
+            self._texts[self._session.switch_prompt(prompt.context)] = prompt.text
 
     def next_chunk(self) -> ChunkFrames:
         """Denoise, cache and decode the next chunk (blocking; seconds on a CPU, milliseconds on a GPU)."""
-        from sfvideo.diffusion.rollout import generate_latents
-        from sfvideo.streaming import recache, refresh
         from sfvideo.video import to_uint8
 
         if self.closed:
             raise RuntimeError("StreamSession.next_chunk: the session is closed")
-        if self._prompt is None:
+        if not self._texts:
             raise RuntimeError("StreamSession.next_chunk: call start(prompt) first")
-        g = self.generator
-        f = g.frames_per_chunk
-        start = self._index * f
+        item = self._session.next_chunk()
+        chunk = item.chunk
         with self._lock:
-            pending, self._pending = self._pending, None
-        with torch.no_grad():
-            _sync(g.device)
-            t0 = time.perf_counter()
-            if self._deferred is not None:
-                # The previous chunk's clean refresh under its own prompt, deferred so it was shown one forward
-                # earlier (as in streaming.stream).
-                d_start, d_latents, d_context = self._deferred
-                refresh(g.denoiser, d_latents, d_context, kv_cache=self.kv_cache, start_frame=d_start,
-                        context_sigma=g.context_sigma, noise_generator=self._step_gen)
-                self._deferred = None
-            recached, recache_s = False, 0.0
-            if pending is not None:
-                if self._index == 0:
-                    self._prompt = pending  # nothing generated yet: just a different first prompt
-                else:
-                    t_switch = time.perf_counter()
-                    self._prompt = pending
-                    self._segment += 1
-                    if g.recache_on_switch:
-                        recache(g.denoiser, self.kv_cache, self._history.frames, pending.context,
-                                frames_per_chunk=f, context_sigma=g.context_sigma, noise_generator=self._step_gen)
-                    else:
-                        self.kv_cache.reset_cross()
-                    recached = True
-                    _sync(g.device)
-                    recache_s = time.perf_counter() - t_switch
-            context = self._prompt.context
-            noise = torch.randn(g.geometry.latent_shape(1, f), generator=self._noise_gen, device=g.device,
-                                dtype=g.dtype)
-            latents = generate_latents(g.denoiser, noise, context, step_sigmas=g.step_sigmas, frames_per_chunk=f,
-                                       kv_cache=self.kv_cache, context_sigma=g.context_sigma,
-                                       noise_generator=self._step_gen, start_frame=start, refresh_last=False)
-            _sync(g.device)
-            transformer_s = time.perf_counter() - t0
-            self._history.add(start, latents, self.kv_cache)
-            self._deferred = (start, latents, context)
-            t1 = time.perf_counter()
-            pixels = self._decoder.decode_chunk(latents)
-            frames = to_uint8(pixels[0])
-            decode_s = time.perf_counter() - t1
-        chunk = ChunkFrames(index=self._index, start_frame=start, frames=frames, latents=latents,
-                            segment=self._segment, prompt=self._prompt.text, recached=recached,
-                            transformer_s=transformer_s, recache_s=recache_s, decode_s=decode_s)
-        self._index += 1
-        return chunk
+            text = self._texts[chunk.segment]
+            self._texts = {k: v for k, v in self._texts.items() if k >= chunk.segment}  # flat on long streams
+        self._chunks += 1
+        return ChunkFrames(index=chunk.index, start_frame=chunk.start_frame, frames=to_uint8(item.frames[0]),
+                           latents=chunk.latents, segment=chunk.segment, prompt=text, recached=chunk.recached,
+                           transformer_s=chunk.transformer_s, recache_s=chunk.recache_s, decode_s=item.decode_s)
 
     def close(self) -> None:
         """Free the cache, the history and the decoder state at once (idempotent)."""
         self.closed = True
-        self.kv_cache = None
-        self._history = None
-        self._decoder = None
-        self._deferred = None
-        self._prompt = self._pending = None
+        self._session.close()
+        self._texts = {}
