@@ -7,6 +7,7 @@ overrides such as ``--trainer.max_steps 10``). Commands that need no Trainer are
 - ``bench``: benchmarks printing a table and writing JSON (``sfvideo.bench``);
 - ``export``: write the generator (or its EMA) of a Lightning checkpoint as a diffusers folder;
 - ``encode-prompts``: precompute umT5 prompt embeddings to disk;
+- ``ode-pairs``: write the teacher ODE trajectories of an ODE-initialisation config to disk (``sfvideo.ode_pairs``);
 - ``memory``: the per-GPU memory plan of a configuration;
 - ``demo``: the embedded toy-world job (``make demo``).
 """
@@ -97,6 +98,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "bench": (_lazy("sfvideo.bench"), "Benchmarks: print a table and write JSON."),
     "export": (_lazy("sfvideo.export"), "Export a generator (or its EMA) as a diffusers folder."),
     "encode-prompts": (_lazy("sfvideo.encode_prompts"), "Precompute prompt embeddings."),
+    "ode-pairs": (_lazy("sfvideo.ode_pairs"), "Write the teacher's ODE trajectories of an ODEInit config, resumably."),
     "memory": (_lazy("sfvideo.training.memory"), "Per-GPU memory plan of a configuration."),
     "serve": (_lazy("sfvideo.serve.command"), "A local web page streaming a generator live, with prompt switching."),
     "evaluate": (_lazy("sfvideo.evaluate"), "VBench quality dimensions, curves over time and a report."),

@@ -173,11 +173,14 @@ class CriticOptimConfig(OptimConfig):
 
 
 Guidance = Literal["official", "standard"]
+Solver = Literal["euler", "unipc"]
 
 
 @dataclass(frozen=True)
 class ManyStepSampling:
-    """Many-step Euler sampling with classifier-free guidance (``sfvideo.diffusion.sampling.euler_sample``)."""
+    """Many-step sampling with classifier-free guidance: the bidirectional teacher's Euler ODE
+    (``sfvideo.diffusion.sampling.euler_sample``, also the ODE pairs) and the causal TF/DF models' chunk-by-chunk
+    sampler (``sfvideo.diffusion.causal_sampling.causal_cfg_sample``)."""
 
     num_steps: int = 30
     """Euler steps from noise to the sample."""
@@ -188,10 +191,16 @@ class ManyStepSampling:
     guidance: Guidance = "official"
     """``official``: ``cond + g (cond - uncond)`` (0 = none); ``standard``: ``uncond + g (cond - uncond)``
     (1 = none, Wan's and the ODE-pair script's)."""
+    solver: Solver = "euler"
+    """Solver of the ``causal_cfg`` sampler: ``euler`` (on ``shift(linspace(1, 0, n + 1))``) or ``unipc`` (Wan's
+    ``FlowUniPCMultistepScheduler`` grid, order 2; official ``pipeline/causal_diffusion_inference.py``). The
+    bidirectional sampler and the ODE pairs are Euler only (they refuse ``unipc``)."""
 
     def __post_init__(self) -> None:
         if self.num_steps <= 0:
             raise ValueError(f"sampling.num_steps must be positive, got {self.num_steps}")
+        if self.solver not in ("euler", "unipc"):
+            raise ValueError(f"sampling.solver must be 'euler' or 'unipc', got {self.solver!r}")
         FlowMatchSchedule(shift=self.shift)  # validates the shift
 
     @property

@@ -92,7 +92,7 @@ def build_parser():
     g.add_argument("--geometry", type=VideoGeometry | None, default=None, help="Latent geometry of training.")
     g.add_argument("--schedule", type=StepSchedule | None, default=None, help="The few-step list and shift.")
     g.add_argument("--sampling", type=ManyStepSampling | None, default=None,
-                   help="Steps and guidance of a bidirectional (teacher) checkpoint.")
+                   help="Steps, guidance and solver of a many-step checkpoint (teacher, TF/DF baselines).")
     g.add_argument("--context_noise", type=float | None, default=None, help="Timestep of the cache refresh noise.")
     return p
 

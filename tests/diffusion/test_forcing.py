@@ -129,6 +129,25 @@ def test_forcing_batch(teacher_forcing, aug):
         torch.testing.assert_close(batch.clean_x, (1 - a) * x0 + a * noise)
 
 
+def test_forcing_batch_takes_caller_drawn_levels():
+    """A caller's levels (a training module's own noise distribution) replace the default draw, and the context
+    levels are then the generator's next draws, as after the default one."""
+    sched = FlowMatchSchedule(shift=5.0)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, 2, 2, 2, generator=g), torch.randn(2, 4, 2, 2, 2, generator=g)
+    kw = dict(schedule=sched, frames_per_chunk=2, teacher_forcing=True, augmentation_max_timestep=50)
+    default = forcing_batch(x0, noise, generator=torch.Generator().manual_seed(4), **kw)
+    g = torch.Generator().manual_seed(4)
+    drawn = sample_forcing_sigmas(sched, 2, 4, 2, g)
+    given = forcing_batch(x0, noise, generator=g, sigma=drawn, **kw)
+    assert torch.equal(given.sigma, default.sigma) and torch.equal(given.clean_sigma, default.clean_sigma)
+    half = torch.full((2, 4), 0.5)
+    mine = forcing_batch(x0, noise, generator=torch.Generator().manual_seed(4), sigma=half, **kw)
+    assert torch.equal(mine.sigma, half) and torch.equal(mine.noisy, 0.5 * x0 + 0.5 * noise)
+    with pytest.raises(ValueError, match=r"sigma must be \(B, F\)"):
+        forcing_batch(x0, noise, generator=None, sigma=torch.ones(2), **kw)
+
+
 def test_drop_captions():
     g = torch.Generator().manual_seed(5)
     ctx, null = torch.randn(4000, 3, 2, generator=g), torch.randn(1, 3, 2, generator=g)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sfvideo.config import OptimConfig, StepSchedule
+from sfvideo.data.ode_pairs import CAUSVID_ODE, generate_ode_pairs, load_ode_pairs
 from sfvideo.data.prompts import PromptDataModule
 from sfvideo.diffusion.denoiser import Denoiser
 from sfvideo.diffusion.sampling import ode_sigmas, record_sigmas_for
@@ -15,7 +16,6 @@ from sfvideo.losses.ode import ode_regression_loss, sample_chunk_indices
 from sfvideo.toy.encoders import ToyTextEncoder
 from sfvideo.training import base as ode_mod
 from sfvideo.training.ode import ODEInit
-from sfvideo.training.ode_pairs import CAUSVID_ODE, generate_ode_pairs, load_ode_pairs
 
 GEO = VideoGeometry(num_frames=4, channels=4, height=4, width=4, frames_per_chunk=2)
 PROMPTS = ["a red ball", "a blue cube", "a green cone", "a small star"]

@@ -161,6 +161,7 @@ def forcing_batch(
     augmentation_max_timestep: int = 0,
     augmentation_indexing: AugmentationIndexing = "official",
     augmentation_noise: Tensor | None = None,
+    sigma: Tensor | None = None,
 ) -> ForcingBatch:
     """One TF/DF diffusion training example (official ``CausalDiffusion.generator_loss`` up to the model call).
 
@@ -175,11 +176,16 @@ def forcing_batch(
         augmentation_indexing: See :func:`context_augmentation_sigmas`.
         augmentation_noise: Noise of the context augmentation; default ``noise`` itself, as officially (the same
             ``noise`` tensor noises both the input and the context).
+        sigma: ``(B, F)`` noise levels drawn by the caller (e.g. a training module's own noise distribution);
+            default :func:`sample_forcing_sigmas` from ``generator`` (the context levels are drawn after it).
     """
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
     b, f = x0.shape[:2]
-    sigma = sample_forcing_sigmas(schedule, b, f, frames_per_chunk, generator, device=x0.device)
+    if sigma is None:
+        sigma = sample_forcing_sigmas(schedule, b, f, frames_per_chunk, generator, device=x0.device)
+    elif tuple(sigma.shape) != (b, f):
+        raise ValueError(f"sigma must be (B, F) = {(b, f)}, got {tuple(sigma.shape)}")
     clean_x = clean_sigma = None
     if teacher_forcing:
         clean_sigma = context_augmentation_sigmas(

@@ -42,7 +42,9 @@ Samplers (``InferenceSettings.sampler``):
     ``few_step``: the causal generator, chunk by chunk on a rolling KV cache (``stream.FewStepChunks``);
     ``euler``: a bidirectional model (the teacher), the whole clip by many-step Euler with CFG
     (``diffusion.sampling.euler_sample``), then streamed out chunk by chunk; ``causal_cfg``: a many-step causal
-    model (diffusion / teacher forcing) with CFG on two KV caches, cond and uncond -- not available yet.
+    model (diffusion / teacher forcing) chunk by chunk with CFG on two KV caches, cond and uncond, Euler or UniPC
+    (``causal_cfg.CausalCFGChunks`` over ``diffusion.causal_sampling.causal_cfg_sample``; official
+    ``pipeline/causal_diffusion_inference.py``); it streams, rolls and switches prompts like ``few_step``.
 
 Where new pieces plug in, without changing the callers:
     * a causal sampler (e.g. ``causal_cfg``): a ``stream.ChunkSampler`` (``denoise``, ``refresh``, ``switch``,
@@ -54,9 +56,10 @@ Where new pieces plug in, without changing the callers:
     * a browser server: one ``GenerationSession(endless=True)`` per connection.
 
 Modules: ``engine.py`` (the engine, sessions, cache sizing), ``stream.py`` (the chunk loop, prompt switches,
-timing), ``prompts.py`` (prompt schedules from text and files).
+timing), ``causal_cfg.py`` (the many-step causal sampler), ``prompts.py`` (prompt schedules from text and files).
 """
 
+from sfvideo.inference.causal_cfg import CausalCFGChunks
 from sfvideo.inference.engine import (
     GenerationSession,
     InferenceEngine,
@@ -78,6 +81,7 @@ from sfvideo.inference.stream import (
 )
 
 __all__ = [
+    "CausalCFGChunks",
     "ChunkSampler",
     "ChunkStream",
     "DecodedChunk",

@@ -14,6 +14,7 @@ from sfvideo.config import InferenceSettings, check_encoders
 from sfvideo.diffusion.denoiser import Denoiser
 from sfvideo.diffusion.sampling import euler_sample, sample_sigmas
 from sfvideo.geometry import VideoGeometry
+from sfvideo.inference.causal_cfg import CausalCFGChunks, check_many_step_settings
 from sfvideo.inference.stream import (
     ChunkSampler,
     ChunkStream,
@@ -104,11 +105,7 @@ class InferenceEngine:
         decoder: Any = None,
         keys: Mapping[str, str] | None = None,
     ) -> None:
-        if settings.sampler == "causal_cfg":
-            raise ValueError(
-                "sampler 'causal_cfg' (many-step causal sampling with guidance, for diffusion- and teacher-forcing "
-                "checkpoints) is not available yet; sample the few-step generator or a bidirectional teacher"
-            )
+        check_many_step_settings(settings)
         config = getattr(model, "config", None)
         check_encoders(geometry=settings.geometry, network=dict(config) if config is not None else None,
                        text_encoder=text_encoder, codec=decoder, keys=keys)
@@ -372,10 +369,16 @@ class GenerationSession:
         else:
             self._noise, self._generator = engine.noise(batch, self.num_frames, seed)
         sampler: ChunkSampler
+        length = self.num_frames if self.num_frames is not None else self.window_frames + self.sink_frames
         if engine.settings.sampler == "euler":
             sampler = _ClipChunks(engine, self._noise, self.frames_per_chunk)
+        elif engine.settings.sampler == "causal_cfg":
+            sampler = CausalCFGChunks.for_engine(
+                engine, batch, frames_per_chunk=self.frames_per_chunk,
+                new_cache=lambda: stream_cache(engine.model, engine.geometry, batch, length,
+                                               window_frames=self.window_frames, sink_frames=self.sink_frames),
+            )  # fmt: skip
         else:
-            length = self.num_frames if self.num_frames is not None else self.window_frames + self.sink_frames
             cache = stream_cache(engine.model, engine.geometry, batch, length, window_frames=self.window_frames,
                                  sink_frames=self.sink_frames)
             steps = engine.settings.schedule

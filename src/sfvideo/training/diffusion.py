@@ -1,18 +1,44 @@
 """Many-step flow-matching training of a Wan transformer: the bidirectional teacher and the TF/DF baselines.
 
-One module, three attention layouts (notes §4.5, ``model/diffusion.py`` of the official code):
+One module, three attention layouts (notes §4.5):
 
 - ``bidirectional``: the teacher (one sigma per sample, full attention);
-- ``block_causal``: diffusion forcing (one sigma per chunk, causal across chunks);
-- ``teacher_forcing``: the noisy clip attends to a clean copy of earlier chunks (one sigma per chunk).
+- ``block_causal``: diffusion forcing, DF (one sigma per chunk, causal across chunks);
+- ``teacher_forcing``: TF, the noisy clip attends to a clean copy of earlier chunks (one sigma per chunk).
 
-Flow matching (Wan's parameterisation): ``x_t = (1 − σ) x0 + σ ε``, the network predicts the flow ``ε − x0``
-(through the ``Denoiser``, the only σ ↔ timestep boundary), loss = MSE. Sigmas are drawn uniformly on the
-1000-step grid and shifted (:meth:`FlowMatchingDiffusion.sample_sigma`, ``schedule.shift``). Caption dropout
-(the prompt replaced by the negative prompt with probability ``caption_dropout``) trains the unconditional branch
-used by classifier-free guidance.
+Flow matching (Wan's parameterisation): ``x_t = (1 - sigma) x0 + sigma eps``, the network predicts the flow
+``eps - x0`` (through the ``Denoiser``, the only sigma <-> timestep boundary). Noise levels are drawn in one place,
+:meth:`FlowMatchingDiffusion.sample_sigma`.
 
-Randomness: dropout, sigmas and noise of step ``s`` come from ``rng(0, s, rank, micro-batch)``.
+The causal layouts follow the official ``model/diffusion.py::CausalDiffusion.generator_loss`` (with
+``utils/scheduler.py::FlowMatchScheduler``, trainer ``trainer/diffusion.py``), built from
+``sfvideo.diffusion.forcing``:
+
+1. per chunk an index uniform into the ``N``-point shifted training grid (``FlowMatchSchedule.sigmas``: 1 down to
+   ``shift(1/N)``), drawn per frame and copied over the chunk (``forcing.sample_forcing_sigmas``, official
+   ``_get_timestep(uniform_timestep=False)``);
+2. TF only: the clean context noise-augmented per chunk (``noise_augmentation_max_timestep`` M > 0;
+   ``forcing.context_augmentation_sigmas``) with the *same* noise tensor as the input, as officially. The official
+   code indexes the descending grid with ``randint(0, M)``, so the context gets one of the M *noisiest* levels
+   (``augmentation_indexing="official"``), although its comment says "add small noise to clean context latents";
+   ``"low_noise"`` is that intent (the levels whose timestep ``N sigma`` is below M). The context's level is the
+   model's ``clean_timestep`` (official ``aug_t``); M = 0 (the official default) keeps it clean at timestep 0;
+3. loss (``losses.flow.weighted_flow_loss``): the squared error averaged over ``(C, H, W)`` per frame, times the
+   schedule's training weight of the frame's level (``FlowMatchSchedule.training_weight``, the Gaussian bump of
+   ``FlowMatchScheduler.set_timesteps(1000, training=True)``, mean 1 over the grid), averaged over ``(B, F)``.
+
+The teacher keeps its own recipe: one level per sample, uniform on the same grid, unweighted MSE
+(``loss_weight=None`` resolves to ``"schedule"`` for the causal layouts and ``"uniform"`` for the teacher).
+
+Caption dropout (``caption_dropout``, ``forcing.drop_captions``): each sample's prompt embedding is replaced by the
+negative prompt's with that probability, which trains the unconditional branch of classifier-free guidance. The
+official baselines have no such option (0 reproduces them); the teacher uses it.
+
+Randomness: everything of step ``s`` comes from one generator ``rng(0, s, rank, micro-batch)``, drawn in the order
+caption dropout, levels, noise, context-augmentation levels.
+
+Sampling (``inference_settings``): the teacher with ``euler``, TF/DF with ``causal_cfg`` (many-step, chunk by chunk,
+CFG on two KV caches; official ``pipeline/causal_diffusion_inference.py``), both with the ``sampling`` group.
 """
 
 from __future__ import annotations
@@ -23,8 +49,16 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from sfvideo.config import NEGATIVE_PROMPT, EMAConfig, InferenceSettings, ManyStepSampling, OptimConfig
-from sfvideo.diffusion.schedule import FlowMatchSchedule, add_noise, flow_target
+from sfvideo.diffusion.forcing import (
+    AugmentationIndexing,
+    drop_captions,
+    forcing_batch,
+    forcing_forward,
+    sample_forcing_sigmas,
+)
+from sfvideo.diffusion.schedule import FlowMatchSchedule
 from sfvideo.geometry import VideoGeometry
+from sfvideo.losses.flow import weighted_flow_loss
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
 from sfvideo.training.base import TrainingModule
 
@@ -40,14 +74,23 @@ class FlowMatchingDiffusion(TrainingModule):
         text_encoder: frozen prompt encoder.
         codec: the latent codec, recorded for inference; unset = the data module's (the codec that made the
             training latents), if it has one.
-        negative_prompt: prompt of the unconditional branch (used for caption dropout).
-        caption_dropout: probability of training a sample unconditionally.
-        schedule: the training noise schedule (its ``shift`` reshapes the uniform sigmas).
+        negative_prompt: prompt of the unconditional branch (used for caption dropout and guidance).
+        caption_dropout: probability of training a sample unconditionally (0 in the official TF/DF baselines).
+        loss_weight: ``schedule`` (the flow-matching training weight per frame, official ``model/diffusion.py``)
+            or ``uniform`` (plain MSE); unset = ``schedule`` for DF/TF, ``uniform`` for the teacher.
+        noise_augmentation_max_timestep: TF only: noise the clean context per chunk at a level from the first
+            (``official``) or the low-noise (``low_noise``) M levels of the grid; 0 = clean context (official
+            default). On the 0-N timestep scale.
+        augmentation_indexing: ``official`` (the M noisiest grid levels, what the official code does) or
+            ``low_noise`` (levels with timestep below M, what its comment intends); see the module docstring.
+        schedule: the training noise schedule: ``N`` levels from 1 down, reshaped by ``shift`` (8 in the
+            official TF/DF code, the default of ``utils/wan_wrapper.py::WanDiffusionWrapper``).
         optimizer: optimizer factory (default: torch AdamW, lr 1e-3).
         warmup_steps: linear learning-rate warm-up.
         optim: gradient clipping (off by default) and accumulation.
         ema: EMA of the weights (the exported teacher is the EMA when on).
-        sampling: how the trained model is sampled (recorded for inference): steps, shift and guidance.
+        sampling: how the trained model is sampled (recorded for inference): steps, shift, guidance, solver.
+        gradient_checkpointing: activation checkpointing per transformer block (on in the official configs).
         seed: seed of the random initialisation and of noise.
     """
 
@@ -65,12 +108,16 @@ class FlowMatchingDiffusion(TrainingModule):
         codec: VideoCodec | None = None,
         negative_prompt: str = NEGATIVE_PROMPT,
         caption_dropout: float = 0.1,
+        loss_weight: Literal["schedule", "uniform"] | None = None,
+        noise_augmentation_max_timestep: int = 0,
+        augmentation_indexing: AugmentationIndexing = "official",
         schedule: FlowMatchSchedule = FlowMatchSchedule(),
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
         optim: OptimConfig = OptimConfig(grad_clip=0.0),
         ema: EMAConfig = EMAConfig(decay=0.0, start_step=0),
         sampling: ManyStepSampling = ManyStepSampling(),
+        gradient_checkpointing: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(geometry=geometry, schedule=schedule, text_encoder=text_encoder, codec=codec,
@@ -78,15 +125,41 @@ class FlowMatchingDiffusion(TrainingModule):
         self.save_hyperparameters(ignore=["text_encoder", "codec", "optimizer"])
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"--model.init_args.caption_dropout must be in [0, 1), got {caption_dropout}")
+        n = schedule.num_train_timesteps
+        if not 0 <= noise_augmentation_max_timestep <= n:
+            raise ValueError(
+                f"--model.init_args.noise_augmentation_max_timestep must lie in [0, {n}], got "
+                f"{noise_augmentation_max_timestep}"
+            )
+        if noise_augmentation_max_timestep and attention != "teacher_forcing":
+            raise ValueError(
+                "--model.init_args.noise_augmentation_max_timestep augments the clean context of teacher forcing: "
+                f"it needs attention teacher_forcing, got {attention}"
+            )
+        if augmentation_indexing not in ("official", "low_noise"):
+            raise ValueError(
+                f"--model.init_args.augmentation_indexing must be official or low_noise, got {augmentation_indexing!r}"
+            )
+        if noise_augmentation_max_timestep and augmentation_indexing == "low_noise":
+            if float(schedule.sigmas()[-1]) * n >= noise_augmentation_max_timestep:
+                raise ValueError(
+                    f"--model.init_args.noise_augmentation_max_timestep={noise_augmentation_max_timestep}: no level "
+                    f"of the shift-{schedule.shift} grid has a timestep below it (augmentation_indexing low_noise)"
+                )
         self.check_network_sources({"model": (model, model_overrides)})
         self.attention = attention
+        if loss_weight is None:
+            loss_weight = "uniform" if attention == "bidirectional" else "schedule"
+        self.loss_weight = loss_weight
         self.sampling = sampling
         self.optimizer_factory = optimizer
 
     def configure_model(self) -> None:
         if hasattr(self, "model"):
             return
-        self.model = self.trainable(self.build_network(self.hparams.model, self.hparams.model_overrides))
+        h = self.hparams
+        self.model = self.trainable(self.build_network(h.model, h.model_overrides),
+                                    gradient_checkpointing=h.gradient_checkpointing)
         self.check_network(self.model, "model")
 
     def setup(self, stage: str) -> None:
@@ -107,34 +180,42 @@ class FlowMatchingDiffusion(TrainingModule):
                                  negative_prompt=self.negative_prompt)
 
     def sample_sigma(self, batch: int, g: torch.Generator) -> torch.Tensor:
-        """One sigma per sample (teacher) or per chunk repeated over its frames (DF/TF): ``(B, F)``."""
+        """The training noise levels ``(B, F)``: the one place they are drawn.
+
+        Teacher: one level per sample, uniform on the shifted ``N``-point grid, repeated over the frames. DF/TF:
+        one level per chunk, an index uniform into the same grid (official ``model/diffusion.py``,
+        ``forcing.sample_forcing_sigmas``).
+        """
         geo = self.geometry
-        n = batch if self.attention == "bidirectional" else batch * geo.num_chunks
-        u = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=g, device=g.device)
+        if self.attention != "bidirectional":
+            return sample_forcing_sigmas(self.schedule, batch, geo.num_frames, geo.frames_per_chunk, g,
+                                         device=self.device)
+        u = torch.randint(0, self.schedule.num_train_timesteps, (batch,), generator=g, device=g.device)
         sigma = self.schedule.shift_sigma(1.0 - u.float() / self.schedule.num_train_timesteps)
-        if self.attention == "bidirectional":
-            return sigma[:, None].expand(batch, geo.num_frames)
-        return sigma.view(batch, geo.num_chunks).repeat_interleave(geo.frames_per_chunk, dim=1)
+        return sigma[:, None].expand(batch, geo.num_frames)
 
     def flow_matching_loss(self, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """MSE between the predicted flow and ``noise - x0`` on one (micro-)batch of clips."""
+        """Flow-matching loss on one (micro-)batch of clips (see the module docstring for the steps)."""
+        h = self.hparams
         x0 = batch["latents"].to(self.device)
-        prompts = list(batch["prompts"])
         g = self.rng(0, self.global_step, self.global_rank, micro)
-        drop = torch.rand(len(prompts), generator=g, device=self.device) < self.hparams.caption_dropout
-        prompts = [self.negative_prompt if d else p for p, d in zip(prompts, drop.tolist())]
-        context = self.text_encoder.encode(prompts).to(self.device)
+        cond, null = self.encode(list(batch["prompts"]))
+        context, _ = drop_captions(cond, null, h.caption_dropout, g)
         sigma = self.sample_sigma(x0.shape[0], g)
         noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
-        xt = add_noise(x0, noise, sigma)
-        kwargs: dict[str, Any] = {"attention": self.attention, "frames_per_chunk": self.geometry.frames_per_chunk}
-        if self.attention == "teacher_forcing":
-            kwargs["clean_x"] = x0
-        # The teacher takes one noise level per sample, the causal layouts one per frame.
-        sigma_in = sigma[:, 0] if self.attention == "bidirectional" else sigma
-        flow = self.denoiser("model").flow(xt, sigma_in, context, **kwargs)
-        loss = torch.nn.functional.mse_loss(flow.float(), flow_target(x0, noise).float())
-        return loss, {}
+        fb = forcing_batch(x0, noise, schedule=self.schedule, frames_per_chunk=self.geometry.frames_per_chunk,
+                           generator=g, teacher_forcing=self.attention == "teacher_forcing",
+                           augmentation_max_timestep=h.noise_augmentation_max_timestep,
+                           augmentation_indexing=h.augmentation_indexing, sigma=sigma)
+        if self.attention == "bidirectional":
+            # The teacher takes one noise level per sample.
+            flow = self.denoiser("model").flow(fb.noisy, fb.sigma[:, 0], context, attention="bidirectional")
+        else:
+            flow = forcing_forward(self.denoiser("model"), fb.noisy, fb.sigma, context,
+                                   frames_per_chunk=self.geometry.frames_per_chunk, clean_x=fb.clean_x,
+                                   clean_sigma=fb.clean_sigma, flow=True)
+        weight = fb.weight if self.loss_weight == "schedule" else torch.ones_like(fb.weight)
+        return weighted_flow_loss(flow, fb.target, weight)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
@@ -144,6 +225,7 @@ class FlowMatchingDiffusion(TrainingModule):
         self.lr_schedulers().step()
         size = batch["latents"].shape[0]
         self.log("train/loss", logs["loss"], prog_bar=True, on_step=True, batch_size=size)
+        self.log("train/flow_mse", logs["flow_mse"], on_step=True, batch_size=size)
         self.log("lr", lr, on_step=True, batch_size=size)
         return logs["loss"]
 

@@ -6,7 +6,7 @@ ODE trajectories, so it learns causality and few-step denoising before DMD:
 1. Trajectories (``sfvideo.diffusion.sampling.ode_trajectories``): for a prompt, the teacher runs a many-step
    flow-matching Euler ODE (the ``ode`` group: steps, shift, CFG) from Gaussian noise; the states at the
    generator's step sigmas ``sigma_0 > ... > sigma_{S-1}`` and the final sample ``x_final`` are kept:
-   ``(B, S + 1, F, C, H, W)``. The official pairs (``training.ode_pairs.CAUSVID_ODE``: 48 steps, shift 8,
+   ``(B, S + 1, F, C, H, W)``. The official pairs (``data.ode_pairs.CAUSVID_ODE``: 48 steps, shift 8,
    standard CFG 6, states [0, 12, 24, 36, final]) are exactly the generator's ``[1000, 750, 500, 250]`` warped at
    shift 8; other settings refine the sampling grid so the states land exactly on the step sigmas
    (``sfvideo.diffusion.sampling.ode_sigmas``).
@@ -16,8 +16,9 @@ ODE trajectories, so it learns causality and few-step denoising before DMD:
 
 Trajectories are generated on the fly with the frozen teacher (no LMDB), optionally reused for
 ``reuse_trajectories`` consecutive steps (they cost ``ode.num_steps`` guided teacher forwards each), or read from a
-file written by ``training.ode_pairs.generate_ode_pairs`` (then the teacher is only the generator's initial
-weights).
+file or folder written once by ``data.ode_pairs`` (``sfvideo ode-pairs --config configs/ode.yaml`` writes the
+folder named by ``trajectories``, resumably and across ranks; then the teacher is only the generator's initial
+weights and is never run).
 
 Randomness (``TrainingModule.rng``): trajectory noise ``(0, step, rank)``, chunk indices ``(1, step, rank)``, the
 choice among duplicate prompts of a file ``(2, step, rank)``; the chunk indices need no agreement across ranks
@@ -37,13 +38,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from sfvideo.config import NEGATIVE_PROMPT, InferenceSettings, ManyStepSampling, OptimConfig, StepSchedule
+from sfvideo.data.ode_pairs import CAUSVID_ODE, ODEPairs, check_euler, load_ode_pairs
 from sfvideo.diffusion.sampling import ode_trajectories, record_sigmas_for
 from sfvideo.geometry import VideoGeometry
 from sfvideo.losses.ode import ode_regression_loss, sample_chunk_indices
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
 from sfvideo.nn.precision import compute_dtype
 from sfvideo.training.base import TrainingModule
-from sfvideo.training.ode_pairs import CAUSVID_ODE, ODEPairs, load_ode_pairs
 from sfvideo.training.optim import ODEAdamW
 
 
@@ -74,10 +75,11 @@ class ODEInit(TrainingModule):
         schedule: the generator's few-step list (the states kept per trajectory). Shift 8 reproduces the official
             pairs (states [0, 12, 24, 36] of 48 steps at shift 8 = [1000, 750, 500, 250] warped at shift 8,
             notes §5); set 5 to train on the exact timesteps the Self Forcing stage uses.
-        ode: the teacher's trajectory grid and CFG (official: ``training.ode_pairs.CAUSVID_ODE``; step sigmas off
+        ode: the teacher's trajectory grid and CFG (official: ``data.ode_pairs.CAUSVID_ODE``; step sigmas off
             the grid are inserted, each costing one more teacher call).
-        trajectories: file of precomputed trajectories (``training.ode_pairs.generate_ode_pairs``); every batch
-            prompt must be in it. Unset = generate on the fly with the teacher.
+        trajectories: file or folder of precomputed trajectories (``data.ode_pairs``; a folder is written,
+            resumably, by ``sfvideo ode-pairs --config <this config>``); every batch prompt must be in it. Unset =
+            generate on the fly with the teacher.
         reuse_trajectories: training steps that reuse one generated batch (with fresh chunk indices); the batch
             prompts of the steps in between are ignored. Generation costs ``ode.num_steps`` guided teacher
             forwards.
@@ -120,6 +122,7 @@ class ODEInit(TrainingModule):
         self.save_hyperparameters(ignore=["text_encoder", "codec", "optimizer"])
         if reuse_trajectories < 1:
             raise ValueError(f"--model.init_args.reuse_trajectories must be >= 1, got {reuse_trajectories}")
+        check_euler(ode)
         self.ode = ode
         # float64, so the kept states match the many-step grid points exactly (timesteps are fp32 at the model).
         self.step_sigmas = schedule.generator_sigmas(dtype=torch.float64)
@@ -187,8 +190,8 @@ class ODEInit(TrainingModule):
                     f"{want.tolist()} (check --model.init_args.schedule)"
                 )
             clip = tuple(self.geometry.latent_shape(1)[1:])
-            if tuple(pairs.trajectories.shape[2:]) != clip:
-                got = tuple(pairs.trajectories.shape[2:])
+            if tuple(pairs.state_shape[1:]) != clip:
+                got = tuple(pairs.state_shape[1:])
                 raise ValueError(f"{path}: latent clips {got} differ from the geometry's {clip}")
             self._pairs, self._pair_rows = pairs, pairs.rows_by_prompt()
         return self._pairs
@@ -204,7 +207,7 @@ class ODEInit(TrainingModule):
             if options is None:
                 raise KeyError(f"prompt {p!r} is not in the trajectories file {self.hparams.trajectories}")
             rows.append(options[int(torch.randint(len(options), (1,), generator=g))])
-        traj = pairs.trajectories[rows].to(self.device, compute_dtype(self.generator))
+        traj = pairs.take(rows).to(self.device, compute_dtype(self.generator))
         cond, _ = self.encode(prompts)
         return TrajectoryBatch(trajectory=traj, cond=cond, step=self.generator_steps)
 
