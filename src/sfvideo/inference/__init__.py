@@ -47,8 +47,8 @@ Samplers (``InferenceSettings.sampler``):
     ``pipeline/causal_diffusion_inference.py``); it streams, rolls and switches prompts like ``few_step``.
 
 Where new pieces plug in, without changing the callers:
-    * a causal sampler (e.g. ``causal_cfg``): a ``stream.ChunkSampler`` (``denoise``, ``refresh``, ``switch``,
-      ``held_frames``; it owns its caches, e.g. two for CFG), chosen in ``GenerationSession.start`` by
+    * a causal sampler (as ``causal_cfg.CausalCFGChunks``): a ``stream.ChunkSampler`` (``denoise``, ``refresh``,
+      ``switch``, ``held_frames``; it owns its caches, e.g. two for CFG), chosen in ``GenerationSession.start`` by
       ``settings.sampler``;
     * a decoder (TAEHV): any ``nn.interfaces.VideoDecoder`` passed as ``decoder`` (``sfvideo generate --decoder``);
     * decoding chunk ``i`` on a worker thread while chunk ``i + 1`` is denoised: inside

@@ -199,8 +199,13 @@ class FlowMatchingDiffusion(TrainingModule):
         h = self.hparams
         x0 = batch["latents"].to(self.device)
         g = self.rng(0, self.global_step, self.global_rank, micro)
-        cond, null = self.encode(list(batch["prompts"]))
-        context, _ = drop_captions(cond, null, h.caption_dropout, g)
+        prompts = list(batch["prompts"])
+        if h.caption_dropout > 0:
+            cond, null = self.encode(prompts)
+        else:  # nothing is dropped, so the negative prompt need not be encodable (e.g. precomputed embeddings)
+            cond = self.text_encoder.encode(prompts).to(self.device)
+            null = cond
+        context, _ = drop_captions(cond, null, h.caption_dropout, g)  # draws B uniforms either way
         sigma = self.sample_sigma(x0.shape[0], g)
         noise = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
         fb = forcing_batch(x0, noise, schedule=self.schedule, frames_per_chunk=self.geometry.frames_per_chunk,
