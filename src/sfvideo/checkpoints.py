@@ -63,7 +63,7 @@ RECORD_FILE = "sfvideo.json"
 RECORD_FORMAT = "sfvideo-record/1"
 """Value of the record's ``format`` key."""
 
-RECORD_FIELDS = ("format", "module", "network", "inference", "text_encoder", "codec")
+RECORD_FIELDS = ("format", "module", "network", "inference", "text_encoder", "codec", "training")
 """Keys of a record (:func:`make_record`); a Lightning checkpoint's ``checkpoint[RECORD_KEY]`` adds the counters and
 ``configs``."""
 
@@ -75,15 +75,18 @@ def make_record(
     settings: Any,
     text_encoder: Mapping[str, Any] | None,
     codec: Mapping[str, Any] | None,
+    training: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The self-description of a run (JSON data): written into checkpoints and exports, read by :class:`Checkpoint`.
 
     Args:
-        module: Class name of the training module (``SelfForcingDMD``, ``ODEInit``, ``FlowMatchingDiffusion``).
+        module: Class name of the training module (``SelfForcingDMD``, ``ODEInit``, ``FlowMatchingDiffusion``...).
         network: The network to sample (``generator``, ``model``).
         settings: The run's ``config.InferenceSettings``.
         text_encoder: ``class_path`` + ``init_args`` of the text encoder (``nn.interfaces.class_spec``), or None.
         codec: The same for the codec, or None.
+        training: How the run trained, as JSON data (``TrainingModule.training_record``: e.g. the sample source,
+            the cache gradient mode, the effective batch, the EMA start and the iteration reached), or None.
     """
     return {
         "format": RECORD_FORMAT,
@@ -92,6 +95,7 @@ def make_record(
         "inference": settings.to_dict(),
         "text_encoder": None if text_encoder is None else dict(text_encoder),
         "codec": None if codec is None else dict(codec),
+        "training": None if training is None else dict(training),
     }
 
 
@@ -138,6 +142,11 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: unreadable inference record: {str(e).splitlines()[0]}") from None
 
     @property
+    def training(self) -> dict[str, Any]:
+        """How the run trained (:func:`make_record`'s ``training``); empty when not recorded."""
+        return dict((self.record or {}).get("training") or {})
+
+    @property
     def text_encoder_spec(self) -> dict[str, Any] | None:
         return (self.record or {}).get("text_encoder")
 
@@ -173,11 +182,22 @@ class Checkpoint:
         if ema:
             shadow = self.ema_state(name)
             if not shadow:
-                raise CheckpointError(
-                    f"{self.path} holds no EMA weights of {name!r} (training stopped before the EMA started?)"
-                )
+                raise CheckpointError(f"{self.path} holds no EMA weights of {name!r} ({self._ema_absence()})")
             weights = {**weights, **shadow}
         return weights
+
+    def _ema_absence(self) -> str:
+        """Why a Lightning checkpoint has no EMA, from its training record."""
+        ema, iteration = self.training.get("ema"), self.training.get("iteration")
+        if not self.training:
+            return "training stopped before the EMA started?"
+        if ema is None:
+            return "the run had no EMA: ema.decay 0"
+        start = ema.get("start_iteration")
+        if iteration is not None and start is not None and iteration <= start:
+            return (f"the EMA starts at trainer iteration {start} (ema.start_step), the run stopped after "
+                    f"{iteration} iterations")
+        return "sharded runs keep the EMA in per-rank files: export it with the strategy that wrote it"
 
     def load_network(
         self, name: str | None = None, *, ema: bool = False, model_cls: type[nn.Module] | None = None

@@ -11,8 +11,11 @@ Groups:
 - :class:`StepSchedule`: the few-step generator's step list on Wan's shifted flow-matching grid.
 - :class:`RolloutConfig`: the Self Forcing rollout (exit steps, context noise, window, gradient through the cache).
 - :class:`DMDConfig`: the DMD and critic losses (teacher guidance, timestep range).
+- :class:`SiDConfig`: Score identity Distillation (alpha, the teacher's activation checkpointing).
+- :class:`DiscriminatorConfig`: the SF-GAN discriminator head, its optimizer group and warm-up.
 - :class:`EMAConfig`: the EMA of the trained network.
-- :class:`OptimConfig` / :class:`CriticOptimConfig`: gradient clipping, accumulation, critic:generator ratio.
+- :class:`OptimConfig` / :class:`CriticOptimConfig`: gradient clipping, accumulation, critic:generator ratio, the
+  effective batch a recipe was tuned for.
 - :class:`ManyStepSampling`: many-step Euler sampling with classifier-free guidance (the teacher, ODE pairs).
 - :class:`InferenceSettings`: how to sample a trained network; every checkpoint and export records it.
 
@@ -38,12 +41,14 @@ __all__ = [
     "NEGATIVE_PROMPT",
     "CriticOptimConfig",
     "DMDConfig",
+    "DiscriminatorConfig",
     "EMAConfig",
     "InferenceSettings",
     "ManyStepSampling",
     "OptimConfig",
     "RolloutConfig",
     "Sampler",
+    "SiDConfig",
     "StepSchedule",
     "check_encoders",
     "parse_as",
@@ -88,8 +93,12 @@ class RolloutConfig:
     last_step_only: bool = False
     """Always exit at the last step."""
     rollout_frames: int | None = None
-    """Latent frames per training rollout (>= geometry.num_frames); when longer, gradient and loss cover only the
-    last ``geometry.num_frames`` frames (notes §3.5). Unset: geometry.num_frames."""
+    """Longest training rollout in latent frames (official ``num_training_frames``; >= geometry.num_frames, whole
+    chunks). Each rollout draws its length uniformly in whole chunks from [geometry.num_frames, rollout_frames]
+    (shared by all ranks); the teacher and critic see the last geometry.num_frames latents with the first one
+    re-encoded through the codec as a first-frame latent, and when the length is not the minimum the first chunk
+    of that window is left out of the loss (notes §3.5, official ``model/base.py::_run_generator``). Needs a
+    codec. Unset: geometry.num_frames (the released recipe)."""
     window_frames: int | None = None
     """Attention window of the generator during the rollout (the paper's trick: the last chunk cannot see the
     first); unset = global attention. Recorded as the default window for inference."""
@@ -126,13 +135,98 @@ class DMDConfig:
 
 
 @dataclass(frozen=True)
+class SiDConfig:
+    """Score identity Distillation (Zhou et al. 2024; notes §4.3, official ``model/sid.py``). Guidance and the
+    timestep range are the ``dmd`` group's (the official SiD shares them)."""
+
+    alpha: float = 1.0
+    """SiD's alpha (official ``sid_alpha``): ``L = (r - f) ((r - x) - alpha (r - f)) / n``."""
+    teacher_gradient_checkpointing: bool | None = None
+    """Activation checkpointing per block of the teacher, which SiD runs with gradient (official: on with
+    ``gradient_checkpointing``). Unset: the module's ``gradient_checkpointing``."""
+
+
+OFFICIAL_FEATURE_BLOCKS: tuple[int, ...] = (13, 21, 29)
+"""Critic blocks the official SF-GAN head reads (``wan/modules/model.py``, ``WanModel._forward(classify_mode)``),
+for the 30-block Wan2.1-T2V-1.3B critic (:data:`OFFICIAL_FEATURE_DEPTH`)."""
+OFFICIAL_FEATURE_DEPTH = 30
+"""Depth of the critic :data:`OFFICIAL_FEATURE_BLOCKS` belong to."""
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    """The SF-GAN discriminator: a register-token head on the critic's block features (``nn.discriminator``), its
+    group in the critic optimizer, its warm-up and the noise levels it sees (notes §4.4; official
+    ``utils/wan_wrapper.py::adding_cls_branch``, ``model/gan.py``, ``trainer/gan.py``)."""
+
+    feature_blocks: tuple[int, ...] | None = None
+    """Critic blocks whose hidden states the head reads, one register token each. Unset: the official 1.3B blocks
+    (13, 21, 29) of 30 scaled to the critic's depth L as ``floor((b + 1) L / 30) - 1`` (exactly (13, 21, 29) for
+    L = 30; (0, 1, 2) for 3 blocks), duplicates dropped."""
+    ffn_dim: int | None = None
+    """FFN width of the head's register blocks. Unset: the critic's own ``ffn_dim``; the official 1.3B head has 8192
+    (the 1.3B transformer's is 8960), which the full-scale config states."""
+    num_classes: int = 1
+    """Logits per sample (official ``num_class``); the losses average over them."""
+    concat_time_embedding: bool = False
+    """Append 10x the critic's time embedding as one more token (official ``concat_time_embeddings``, off)."""
+    lr_multiplier: float = 1.0
+    """Learning rate of the head's parameter group = the critic optimizer's lr times this (official
+    ``discriminator_lr_multiplier``, 1.0 in ``default_config.yaml``)."""
+    warmup_steps: int = 0
+    """Trainer iterations that train the head alone (critic trunk frozen, no generator update, critic optimizer
+    betas (0.9, beta2)); at the end the critic optimizer restarts with its own betas and fresh state (official
+    ``discriminator_warmup_steps``, 0)."""
+    min_timestep: int = 20
+    """Lower clamp of the discriminator's noise level, 0-1000 scale (official ``min_step`` = 0.02 N)."""
+    max_timestep: int = 980
+    """Upper clamp of the discriminator's noise level (official ``max_step`` = 0.98 N)."""
+
+    def __post_init__(self) -> None:
+        if self.feature_blocks is not None and (
+            not self.feature_blocks or any(b < 0 for b in self.feature_blocks)
+            or len(set(self.feature_blocks)) != len(self.feature_blocks)
+        ):
+            raise ValueError(f"discriminator.feature_blocks must be distinct block indices >= 0, got "
+                             f"{self.feature_blocks}")  # fmt: skip
+        if self.ffn_dim is not None and self.ffn_dim <= 0:
+            raise ValueError(f"discriminator.ffn_dim must be positive, got {self.ffn_dim}")
+        if self.num_classes < 1:
+            raise ValueError(f"discriminator.num_classes must be >= 1, got {self.num_classes}")
+        if self.lr_multiplier <= 0:
+            raise ValueError(f"discriminator.lr_multiplier must be positive, got {self.lr_multiplier}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"discriminator.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_timestep < self.max_timestep <= 1000:
+            raise ValueError(
+                f"discriminator.min_timestep/max_timestep must satisfy 0 <= min < max <= 1000, got "
+                f"{self.min_timestep}, {self.max_timestep}"
+            )
+
+    def blocks_for(self, num_layers: int) -> tuple[int, ...]:
+        """The feature blocks of a critic with ``num_layers`` blocks (see :attr:`feature_blocks`)."""
+        if self.feature_blocks is not None:
+            bad = [b for b in self.feature_blocks if b >= num_layers]
+            if bad:
+                raise ValueError(f"discriminator.feature_blocks {self.feature_blocks} outside the critic's "
+                                 f"{num_layers} blocks")  # fmt: skip
+            return tuple(self.feature_blocks)
+        scaled = [max(0, (b + 1) * num_layers // OFFICIAL_FEATURE_DEPTH - 1) for b in OFFICIAL_FEATURE_BLOCKS]
+        return tuple(dict.fromkeys(scaled))
+
+
+@dataclass(frozen=True)
 class EMAConfig:
     """Exponential moving average of the trained network (``sfvideo.training.ema.ShardedEMA``)."""
 
     decay: float = 0.99
     """Decay per update, in [0, 1); 0 disables the EMA."""
     start_step: int = 200
-    """Update (the module's step counter) at which the EMA starts as a copy of the weights."""
+    """Trainer iteration (one per training batch) from which the EMA exists: it is created then as a copy of the
+    current weights and updated after every later update of the network. Distillation modules count iterations as
+    the official ``trainer/distillation.py`` ``step`` does: one per critic update, with a generator update every
+    ``optim.critic_updates_per_generator_update``-th, so the official 200 is after 40 generator updates at 5:1;
+    single-network modules count their updates. 0 = from the initial (loaded) weights."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
@@ -150,17 +244,24 @@ class OptimConfig:
     accumulate_micro_batches: int = 1
     """Gradient accumulation: each update averages this many micro-batches of the data module's batch (the batch
     is split into equal parts)."""
+    recipe_effective_batch: int | None = None
+    """Effective batch the recipe was tuned for: devices x nodes x micro-batch x accumulate_micro_batches (= devices
+    x nodes x the data module's per-rank batch). A run with another effective batch warns when training starts
+    (the run's value is printed and logged as ``batch/effective`` either way). The paper's recipes: 64 (1 per GPU
+    on 64 GPUs). Unset: no check."""
 
     def __post_init__(self) -> None:
         if self.grad_clip < 0:
             raise ValueError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
         if self.accumulate_micro_batches < 1:
             raise ValueError(f"optim.accumulate_micro_batches must be >= 1, got {self.accumulate_micro_batches}")
+        if self.recipe_effective_batch is not None and self.recipe_effective_batch < 1:
+            raise ValueError(f"optim.recipe_effective_batch must be >= 1, got {self.recipe_effective_batch}")
 
 
 @dataclass(frozen=True)
 class CriticOptimConfig(OptimConfig):
-    """:class:`OptimConfig` of a generator trained against a critic (DMD, and later SiD and GAN)."""
+    """:class:`OptimConfig` of a generator trained against a critic (DMD, SiD, GAN)."""
 
     critic_updates_per_generator_update: int = 5
     """N critic updates per generator update (5 officially)."""

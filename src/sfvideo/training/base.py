@@ -18,9 +18,12 @@ algorithm, over these pieces:
 * updates: :meth:`~TrainingModule.update` (gradient accumulation over micro-batches, the one clipping path
   ``strategies.clip_network_gradients``, step, zero_grad);
 * the data position: every batch is counted before its checkpoint can be written (exact resume);
+* the effective batch: :meth:`~TrainingModule.report_effective_batch` prints devices x nodes x micro-batch x
+  accumulation once, logs it, and warns when it differs from ``optim.recipe_effective_batch``;
 * checkpoints: frozen networks are stripped; ``checkpoint[RECORD_KEY]`` holds the counters (``counters``), the
   trained networks' configs and the run's record (``checkpoints.make_record``: inference settings, text encoder,
-  codec); the EMA is per-rank state under ``checkpoint[RANK_LOCAL_KEY]``;
+  codec, and :meth:`~TrainingModule.training_record`); the EMA is per-rank state under
+  ``checkpoint[RANK_LOCAL_KEY]``;
 * inference: :meth:`~TrainingModule.inference_engine` samples ``sample_network`` (or its EMA) through
   ``sfvideo.inference``; :meth:`~TrainingModule.generate` and ``predict_step`` use it.
 """
@@ -33,6 +36,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from sfvideo.checkpoints import RANK_LOCAL_KEY, RECORD_KEY, make_record
@@ -126,6 +130,8 @@ class TrainingModule(L.LightningModule):
         object.__setattr__(self, "_text_encoder", text_encoder)
         object.__setattr__(self, "_codec", codec)
         object.__setattr__(self, "_uncond", None)
+        self.effective_batch: int | None = None
+        """devices x nodes x per-rank batch of this run (known once training starts)."""
         check_encoders(geometry=geometry, codec=codec, keys=self.config_keys())
 
     # ------------------------------------------------------------------ configuration
@@ -243,6 +249,32 @@ class TrainingModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update(getattr(self, self.ema_network), step=step)
 
+    @property
+    def ema_ready(self) -> bool:
+        """Whether EMA weights exist (an EMA is configured and has started)."""
+        return self.ema is not None and self.ema.initialized
+
+    def report_effective_batch(self, per_rank: int) -> int:
+        """The effective batch of an update, ``devices x nodes x per_rank`` (``per_rank`` = the data module's
+        batch = micro-batch x ``optim.accumulate_micro_batches``): printed once, and a warning when it differs
+        from ``optim.recipe_effective_batch``. Returns it (also kept as ``self.effective_batch``)."""
+        if self.effective_batch is None:
+            trainer, k = self.trainer, self.optim.accumulate_micro_batches
+            self.effective_batch = trainer.world_size * per_rank
+            rank_zero_info(
+                f"sfvideo: effective batch {self.effective_batch} = {trainer.num_devices} devices x "
+                f"{trainer.num_nodes} nodes x micro-batch {per_rank // k} x {k} accumulated micro-batches"
+            )
+            want = getattr(self.optim, "recipe_effective_batch", None)
+            if want is not None and want != self.effective_batch:
+                rank_zero_warn(
+                    f"effective batch {self.effective_batch} differs from the recipe's {want} "
+                    f"(model.init_args.optim.recipe_effective_batch): set trainer.devices x trainer.num_nodes x "
+                    f"data.batch_size to {want}, or raise model.init_args.optim.accumulate_micro_batches with "
+                    f"data.batch_size"
+                )
+        return self.effective_batch
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Count consumed batches before any checkpoint of this step is written, so a resume starts at the next one.
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -254,11 +286,17 @@ class TrainingModule(L.LightningModule):
         """How to sample ``sample_network`` after this training (recorded in checkpoints and exports)."""
         raise NotImplementedError
 
+    def training_record(self) -> dict[str, Any]:
+        """How this run trains, as JSON data for the record (``checkpoints.make_record``'s ``training``): the
+        effective batch and the EMA start; modules add their own facts."""
+        ema = None if self.ema is None else {"decay": self.ema.decay, "start_iteration": self.ema.start_step}
+        return {"effective_batch": self.effective_batch, "ema": ema}
+
     def record(self) -> dict[str, Any]:
         """The run's self-description (``checkpoints.make_record``)."""
         return make_record(module=type(self).__name__, network=self.sample_network,
                            settings=self.inference_settings(), text_encoder=class_spec(self._text_encoder),
-                           codec=class_spec(self.codec))
+                           codec=class_spec(self.codec), training=self.training_record())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -284,9 +322,21 @@ class TrainingModule(L.LightningModule):
 
     # ------------------------------------------------------------------ inference
     def inference_engine(self, *, use_ema: bool = False) -> InferenceEngine:
-        """An ``InferenceEngine`` over ``sample_network`` (a copy holding its EMA with ``use_ema``, once started)."""
+        """An ``InferenceEngine`` over ``sample_network`` (a copy holding its EMA weights with ``use_ema``).
+
+        Raises:
+            ValueError: ``use_ema`` and there are no EMA weights (none configured, or not started yet).
+        """
         model = getattr(self, self.sample_network)
-        if use_ema and self.ema is not None and self.ema.initialized and self.ema_network == self.sample_network:
+        if use_ema:
+            if self.ema is None or self.ema_network != self.sample_network:
+                raise ValueError(f"use_ema: {type(self).__name__} keeps no EMA of {self.sample_network!r} "
+                                 "(model.init_args.ema.decay is 0)")  # fmt: skip
+            if not self.ema.initialized:
+                raise ValueError(
+                    f"use_ema: the EMA of {self.sample_network!r} has not started yet (it starts at trainer "
+                    f"iteration {self.ema.start_step}, model.init_args.ema.start_step)"
+                )
             full = self.ema.full_state_dict(model)
             model = copy.deepcopy(model)
             model.load_state_dict(full, strict=False)
@@ -297,7 +347,8 @@ class TrainingModule(L.LightningModule):
     def generate(
         self, prompts: list[str], *, num_frames: int | None = None, seed: int = 0, use_ema: bool = False
     ) -> torch.Tensor:
-        """Latents ``(B, F, C, H, W)`` of ``sample_network`` (no gradient), as ``sfvideo generate`` samples it."""
+        """Latents ``(B, F, C, H, W)`` of ``sample_network`` (no gradient), as ``sfvideo generate`` samples it;
+        ``use_ema`` without EMA weights is a ``ValueError``."""
         return self.inference_engine(use_ema=use_ema).generate(prompts, num_frames=num_frames, seed=seed)
 
     def predict_step(self, batch: list[str], batch_idx: int) -> dict[str, Any]:

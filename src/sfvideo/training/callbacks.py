@@ -79,7 +79,8 @@ class SampleEvaluator(L.Callback):
         was_training = net.training
         net.eval()
         try:
-            engine = module.inference_engine(use_ema=self.use_ema)
+            # Before the EMA starts (or without one) the trained weights are evaluated.
+            engine = module.inference_engine(use_ema=self.use_ema and getattr(module, "ema_ready", False))
             video = engine.decode(engine.generate(self.prompts, seed=self.seed)).clamp(-1, 1).float().cpu()
         finally:
             net.train(was_training)
