@@ -286,7 +286,7 @@ def test_one_gan_step_changes_the_head_and_the_generator(toy_runs, tmp_path_fact
 
 
 def test_gan_warmup_trains_the_head_alone_then_restarts_the_critic_optimizer(tmp_path):
-    ckpt = fit(tmp_path, ROOT / "configs" / "toy" / "gan.yaml", *TINY, *LATENT_DATA,
+    ckpt = fit(tmp_path / "warmup", ROOT / "configs" / "toy" / "gan.yaml", *TINY, *LATENT_DATA,
                "--model.init_args.discriminator.warmup_steps", "1", "--trainer.max_steps", "1")
     contents = torch.load(ckpt, map_location="cpu", weights_only=False)
     state = contents["state_dict"]
@@ -303,6 +303,15 @@ def test_gan_warmup_trains_the_head_alone_then_restarts_the_critic_optimizer(tmp
     assert any(not torch.equal(state[f"critic.discriminator_head.{k}"], v) for k, v in _head_state(fresh).items())
     # Warm-up optimizer betas (0.9, beta2), official trainer/gan.py.
     assert all(g["betas"] == (0.9, 0.999) for g in contents["optimizer_states"][1]["param_groups"])
+    # After the warm-up (iteration 1): a generator update, and the critic optimizer restarted with its own betas.
+    after = torch.load(fit(tmp_path / "after", ROOT / "configs" / "toy" / "gan.yaml", *TINY, *LATENT_DATA,
+                           "--model.init_args.discriminator.warmup_steps", "1", "--trainer.max_steps", "3"),
+                       map_location="cpu", weights_only=False)
+    assert after["sfvideo"]["generator_steps"] == 1 and after["sfvideo"]["critic_steps"] == 2
+    critic_state = after["optimizer_states"][1]
+    assert all(g["betas"] == (0.0, 0.999) for g in critic_state["param_groups"])
+    head_ids = critic_state["param_groups"][1]["params"]
+    assert {int(critic_state["state"][i]["step"]) for i in head_ids} == {1}  # fresh state: one step since the reset
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,13 +423,13 @@ def test_paper_recipe_configs_state_the_cache_mode_and_the_effective_batch(confi
 def test_causvid_trains_on_the_final_states_of_an_ode_pairs_file(tmp_path):
     from dataclasses import replace
 
+    from sfvideo.data.latents import ODELatentDataModule
+    from sfvideo.data.ode_pairs import CAUSVID_ODE, generate_ode_pairs, load_ode_pairs
     from sfvideo.nn.wan import WanTransformer
     from sfvideo.toy.world import train_prompts
-    from sfvideo.training.latent_data import ODELatentDataModule
-    from sfvideo.training.ode_pairs import CAUSVID_ODE, generate_ode_pairs, load_ode_pairs
 
     geo = VideoGeometry(num_frames=4, channels=4, height=4, width=4, frames_per_chunk=2)
-    prompts = list(train_prompts())[:3]
+    prompts = list(train_prompts())[:5]
     path = generate_ode_pairs(WanTransformer.from_flavor("debug"), ToyTextEncoder(), prompts, tmp_path / "ode.pt",
                               geometry=geo, step_sigmas=SelfForcingDMD(geometry=geo).step_sigmas,
                               ode=replace(CAUSVID_ODE, num_steps=4))
@@ -428,11 +437,14 @@ def test_causvid_trains_on_the_final_states_of_an_ode_pairs_file(tmp_path):
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     pairs = load_ode_pairs(path)
-    for part in batch.values():  # each role: prompts and the matching final ODE states (teacher samples)
+    # Each update its own rows (consecutive batches of the stream), each latent the final ODE state of its prompt.
+    assert set(batch["generator"]["prompts"]).isdisjoint(batch["critic"]["prompts"])
+    for part in batch.values():
         rows = [pairs.prompts.index(p) for p in part["prompts"]]
-        torch.testing.assert_close(part["latents"], pairs.trajectories[rows, -1], rtol=0, atol=0)
+        torch.testing.assert_close(part["latents"], pairs.trajectories[rows, -1].float(), rtol=0, atol=0)
+    data.count_consumed_batch()
+    assert data.state_dict()["batches_consumed"] == 2  # two stream batches per iteration: resume is exact
     ckpt = fit(tmp_path / "run", DEBUG, *NO_CALLBACKS, "--model", "sfvideo.training.module.CausVidDMD",
-               "--model.init_args.source", "teacher_forcing",
-               "--data", "sfvideo.training.latent_data.ODELatentDataModule",
+               "--model.init_args.source", "teacher_forcing", "--data", "sfvideo.data.latents.ODELatentDataModule",
                "--data.init_args.trajectories", str(path), "--data.init_args.batch_size", "2")
     assert read_checkpoint(ckpt).counter("generator_steps") == 2

@@ -34,7 +34,7 @@ trainable network per backward.
 
 Batches: ``{"generator": part, "critic": part}``, each part a prompt list (``data.prompts.PromptDataModule``) or
 ``{"prompts": [...], "latents": (B, F, C, H, W)}`` (``data.latents.ToyLatentDataModule``,
-``training.latent_data.ODELatentDataModule``), which the DF/TF sources and the GAN's real samples need.
+``data.latents.ODELatentDataModule``), which the DF/TF sources and the GAN's real samples need.
 
 Randomness (``TrainingModule.rng``; ``step`` is the iteration counter ``critic_steps``): rank-shared decisions
 ``(0, role, step)`` (exit steps) and ``(3, role, step)`` (long-rollout length); per-rank noise
@@ -294,9 +294,8 @@ class Distillation(TrainingModule):
         fpc, window = geo.frames_per_chunk, geo.num_frames
         frames = window
         if r.rollout_frames is not None:
-            chunks = sample_rollout_chunks(window, r.rollout_frames, fpc, self.rng(3, role, self.critic_steps,
-                                                                                   device="cpu"))
-            frames = chunks * fpc
+            shared = self.rng(3, role, self.critic_steps, device="cpu")  # the same length on every rank
+            frames = fpc * sample_rollout_chunks(window, r.rollout_frames, fpc, shared)
         exits = sample_exit_steps(
             frames // fpc,
             len(self.step_sigmas),
@@ -335,7 +334,7 @@ class Distillation(TrainingModule):
         if latents is None:
             raise ValueError(
                 f"source={self.source} needs latents in the batch: use a latent data module "
-                "(sfvideo.data.latents.ToyLatentDataModule, sfvideo.training.latent_data.ODELatentDataModule)"
+                "(sfvideo.data.latents.ToyLatentDataModule, sfvideo.data.latents.ODELatentDataModule)"
             )
         want = tuple(self.geometry.latent_shape(len(data.prompts)))
         if tuple(latents.shape) != want:
@@ -344,12 +343,12 @@ class Distillation(TrainingModule):
         x0 = latents.to(self.device, self.generator.compute_dtype)
         g = self.rng(1, role, self.critic_steps, self.global_rank, micro)
         noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
-        inputs = causvid_generator_input(x0, noise, step_sigmas=self.step_sigmas, frames_per_chunk=self.geometry
-                                         .frames_per_chunk, generator=g, teacher_forcing=self.source ==
-                                         "teacher_forcing")  # fmt: skip
+        fpc = self.geometry.frames_per_chunk
+        inputs = causvid_generator_input(x0, noise, step_sigmas=self.step_sigmas, frames_per_chunk=fpc, generator=g,
+                                         teacher_forcing=self.source == "teacher_forcing")
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            x = forcing_forward(self.denoiser("generator"), inputs.noisy, inputs.sigma, cond,
-                                frames_per_chunk=self.geometry.frames_per_chunk, clean_x=inputs.clean_x)
+            x = forcing_forward(self.denoiser("generator"), inputs.noisy, inputs.sigma, cond, frames_per_chunk=fpc,
+                                clean_x=inputs.clean_x)
         # Official: no gradient mask (``gradient_mask = None  # timestep != 0``).
         return GeneratorSample(x=x, mask=None, num_frames=x.shape[1])
 

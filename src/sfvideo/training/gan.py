@@ -94,7 +94,7 @@ class SelfForcingGAN(Distillation):
     """Distillation with a GAN loss on the critic + discriminator head (see the module docstring).
 
     Batches must carry real latents (``{"prompts", "latents"}``): toy videos (``data.latents.ToyLatentDataModule``)
-    or teacher samples (``training.latent_data.ODELatentDataModule``, the official ``ode_latent[:, -1]``).
+    or teacher samples (``data.latents.ODELatentDataModule``, the official ``ode_latent[:, -1]``).
 
     Args:
         gan: loss weights, relativistic or not, R1/R2 weights and perturbation scales (official defaults).
@@ -166,7 +166,7 @@ class SelfForcingGAN(Distillation):
         if data.latents is None:
             raise ValueError(
                 "SelfForcingGAN needs real latents in the batch: use a latent data module "
-                "(sfvideo.data.latents.ToyLatentDataModule, sfvideo.training.latent_data.ODELatentDataModule)"
+                "(sfvideo.data.latents.ToyLatentDataModule, sfvideo.data.latents.ODELatentDataModule)"
             )
         if tuple(data.latents.shape) != tuple(like.shape):
             raise ValueError(f"real latents {tuple(data.latents.shape)} do not match the generator's samples "
