@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -15,9 +16,12 @@ from sfvideo.diffusion.denoiser import Denoiser
 from sfvideo.diffusion.sampling import euler_sample, sample_sigmas
 from sfvideo.geometry import VideoGeometry
 from sfvideo.inference.causal_cfg import CausalCFGChunks, check_many_step_settings
+from sfvideo.inference.graphs import StepGraphs
+from sfvideo.inference.overlap import DecodeWorker, DecodeWorkerPool, overlap_pays
 from sfvideo.inference.stream import (
     ChunkSampler,
     ChunkStream,
+    ChunkTiming,
     DecodedChunk,
     FewStepChunks,
     StreamChunk,
@@ -94,6 +98,8 @@ class InferenceEngine:
         decoder: A ``VideoDecoder`` (the run's codec, or a decoder-only model such as a tiny preview decoder); None
             generates latents only.
         keys: Names of the pieces for error messages (e.g. command-line flags); see ``config.check_encoders``.
+        step_graphs: Replay the generator's cached forwards as CUDA graphs (``inference.graphs.StepGraphs``; CUDA
+            only, other devices run eagerly), or a ``StepGraphs`` to use.
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class InferenceEngine:
         settings: InferenceSettings,
         decoder: Any = None,
         keys: Mapping[str, str] | None = None,
+        step_graphs: bool | StepGraphs = False,
     ) -> None:
         check_many_step_settings(settings)
         config = getattr(model, "config", None)
@@ -115,8 +122,21 @@ class InferenceEngine:
         self.decoder = decoder
         self.device = model_device(model)
         self.dtype = compute_dtype(model)
-        self.denoiser = Denoiser(model, num_train_timesteps=settings.schedule.num_train_timesteps)
+        self.graphs = step_graphs if isinstance(step_graphs, StepGraphs) else StepGraphs(model) if step_graphs else None
+        """The CUDA-graph wrapper of the generator's forwards (None: plain forwards)."""
+        forward = self.graphs if self.graphs is not None else model
+        self.denoiser = Denoiser(forward, num_train_timesteps=settings.schedule.num_train_timesteps)
         self._negative: Tensor | None = None
+        self._decode_workers: DecodeWorkerPool | None = None
+
+    @property
+    def decode_workers(self) -> DecodeWorkerPool:
+        """The decode threads sessions borrow for an overlapped decode (kept, so a thread's kernel set-up is paid
+        once; ``inference.overlap``); they stop when the engine is collected."""
+        if self._decode_workers is None:
+            self._decode_workers = DecodeWorkerPool(self.device)
+            weakref.finalize(self, self._decode_workers.close)
+        return self._decode_workers
 
     @classmethod
     def from_checkpoint(
@@ -247,6 +267,16 @@ class GenerationSession:
     Threads: :meth:`switch_prompt` may be called from any thread, also while :meth:`next_chunk` runs (a viewer
     typing while a chunk is generated); the other methods belong to one thread at a time.
 
+    Overlapped decode (``overlap_decode``): chunk ``i`` is decoded on a worker thread (on CUDA, its own stream,
+    ``inference.overlap``) while chunk ``i + 1`` is denoised, and is returned when both are done; the next chunk's
+    decode starts before the call returns, so it also overlaps the caller's own work. The frames are those of the
+    same decoder calls on the same inputs, in order; at most one decode is in flight and one chunk waits denoised
+    (flat memory). The stream's first chunk is not overlapped (its latency stays denoise + decode). A chunk is
+    *begun* when its denoising starts, so with overlap :meth:`switch_prompt` between two calls lands one chunk
+    later than without (the next chunk is already denoised); scheduled switches (``start(schedule=...)``) are
+    exact either way. Use the session as a context manager, or :meth:`close` it, to hand the
+    worker back to the engine (``engine.decode_workers``).
+
     Args:
         engine: The engine (network, encoders, settings).
         num_frames: Latent frames of the video (a multiple of the chunk size; default: the training clip).
@@ -259,6 +289,8 @@ class GenerationSession:
         decode: Decode each chunk (needs the engine's decoder); False returns latents only.
         endless: No length: chunks come until :meth:`close` (each chunk's noise is drawn when it is denoised,
             so an endless stream is not the same video as a fixed-length one of the same seed).
+        overlap_decode: Decode on a worker while the next chunk is denoised (above). None: where it pays
+            (``inference.overlap.overlap_pays``: CUDA, or a CPU with cores for two sets of torch threads).
     """
 
     def __init__(
@@ -272,6 +304,7 @@ class GenerationSession:
         recache_on_switch: bool = True,
         decode: bool = True,
         endless: bool = False,
+        overlap_decode: bool | None = None,
     ) -> None:
         geo = engine.geometry
         f = geo.frames_per_chunk if frames_per_chunk is None else frames_per_chunk
@@ -307,6 +340,13 @@ class GenerationSession:
         self._segments: list[tuple[int, int, Tensor]] = []
         self._next_frame = 0  # first frame of the next chunk not yet begun: where a live switch takes effect
         self._lock = threading.Lock()  # guards _segments and _next_frame (switch_prompt comes from any thread)
+        self.overlap_decode = decode and (overlap_pays(engine.device) if overlap_decode is None else overlap_decode)
+        """Whether chunks decode on a worker while the next one is denoised (resolved from the argument)."""
+        self._worker: DecodeWorker | None = None
+        self._inflight: Any = None  # the worker's job of the chunk the next call returns
+        self._ahead: StreamChunk | None = None  # a chunk denoised during the previous call, not yet submitted
+        self._returned = 0  # chunks handed to the caller
+        self._work = [0.0, 0.0, 0.0]  # denoise / refresh / recache seconds of the current call
 
     @property
     def num_chunks(self) -> int | None:
@@ -389,7 +429,14 @@ class GenerationSession:
         self._stream = ChunkStream(sampler, frames_per_chunk=self.frames_per_chunk,
                                    recache_on_switch=self.recache_on_switch, synchronize=self.synchronize,
                                    device=engine.device)
+        self._stop_worker()
         self._decoder = engine.decoder.stream_decoder() if self.decode else None
+        self._inflight, self._ahead, self._returned = None, None, 0
+        if self._decoder is not None and self.overlap_decode:
+            pool = engine.decode_workers
+            self._worker = pool.take()
+            # Also when the session is dropped without close(): no decode of this stream runs on.
+            self._finalizer = weakref.finalize(self, pool.give_back, self._worker)
         with self._lock:
             self._segments, self._next_frame = segments, 0
         self.stats = self._new_stats()
@@ -426,15 +473,13 @@ class GenerationSession:
     @property
     def done(self) -> bool:
         """All chunks of a fixed-length video are out (never for an endless one)."""
-        return self._stream is not None and self.num_chunks is not None and self._stream.index >= self.num_chunks
+        return self._stream is not None and self.num_chunks is not None and self._returned >= self.num_chunks
 
-    @torch.no_grad()
-    def next_chunk(self) -> DecodedChunk | None:
-        """The next chunk (latents, decoded frames when decoding, timings), or None at the end of the video."""
-        if self._stream is None:
-            raise RuntimeError("GenerationSession.next_chunk before start() (or after close())")
-        if self.done:
-            return None
+    def _all_begun(self) -> bool:
+        return self.num_chunks is not None and self._stream.index >= self.num_chunks
+
+    def _begin_chunk(self) -> StreamChunk:
+        """Denoise the next chunk not yet begun (under the prompt in force at its first frame)."""
         f = self.frames_per_chunk
         with self._lock:  # claim the chunk: from now on a live switch applies to the one after it
             start = self._stream.index * f
@@ -448,20 +493,80 @@ class GenerationSession:
             shape = self.engine.geometry.latent_shape(context.shape[0], f)
             noise = torch.randn(shape, generator=self._generator, device=self.engine.device, dtype=self.engine.dtype)
         chunk: StreamChunk = self._stream.next(noise, context, segment=segment)
-        if self._decoder is not None:
-            item = decode_chunk(chunk, self._decoder, synchronize=self.synchronize)
+        work = self._work
+        work[0] += chunk.transformer_s - chunk.refresh_s - chunk.recache_s
+        work[1] += chunk.refresh_s
+        work[2] += chunk.recache_s
+        return chunk
+
+    @torch.no_grad()
+    def next_chunk(self) -> DecodedChunk | None:
+        """The next chunk (latents, decoded frames when decoding, timings), or None at the end of the video."""
+        if self._stream is None:
+            raise RuntimeError("GenerationSession.next_chunk before start() (or after close())")
+        if self.done:
+            return None
+        t0 = time.perf_counter()
+        self._work = [0.0, 0.0, 0.0]
+        if self._worker is None:
+            chunk = self._begin_chunk()
+            if self._decoder is not None:
+                item = decode_chunk(chunk, self._decoder, synchronize=self.synchronize)
+            else:
+                item = DecodedChunk(chunk=chunk, frames=None, decode_s=0.0)
+            wait = item.decode_s
         else:
-            item = DecodedChunk(chunk=chunk, frames=None, decode_s=0.0)
-        self.stats.update(chunk, pixel_frames=item.frames.shape[1] if item.frames is not None else 0,
-                          decode_s=item.decode_s)
+            try:
+                item, wait = self._next_overlapped()
+            except BaseException:  # also KeyboardInterrupt: stop the worker, the stream cannot go on
+                self.close()
+                raise
+        self._returned += 1
+        timing = ChunkTiming(index=item.chunk.index, wall_s=time.perf_counter() - t0, denoise_s=self._work[0],
+                             refresh_s=self._work[1], recache_s=self._work[2], decode_s=item.decode_s,
+                             decode_wait_s=wait)
+        self.stats.update(item.chunk, pixel_frames=item.frames.shape[1] if item.frames is not None else 0,
+                          decode_s=item.decode_s, decode_wait_s=wait, timing=timing)
         return item
+
+    def _next_overlapped(self) -> tuple[DecodedChunk, float]:
+        """Decode chunk i on the worker while chunk i + 1 is denoised here; submit i + 1 before returning i."""
+        worker = self._worker
+        if self._inflight is None:  # the first call (or the stream's chunks were all returned)
+            chunk = self._ahead if self._ahead is not None else self._begin_chunk()
+            self._ahead = None
+            self._inflight = worker.submit(self._decoder, chunk)
+        job = self._inflight
+        # Denoise the next chunk meanwhile -- not after the stream's first chunk, whose latency stays T + D.
+        if self._ahead is None and job.chunk.index > 0 and not self._all_begun():
+            self._ahead = self._begin_chunk()
+        item, wait = worker.result(job)
+        self._inflight = None
+        if self._ahead is not None:
+            self._inflight, self._ahead = worker.submit(self._decoder, self._ahead), None
+        return item, wait
 
     def __iter__(self) -> Iterator[DecodedChunk]:
         while (item := self.next_chunk()) is not None:
             yield item
 
+    def _stop_worker(self) -> None:
+        """Hand the decode worker back to the engine (its queued decodes dropped, the one in flight finished)."""
+        if self._worker is not None:
+            self._worker, worker = None, self._worker
+            self._finalizer.detach()
+            self.engine.decode_workers.give_back(worker)
+        self._inflight, self._ahead = None, None
+
+    def __enter__(self) -> GenerationSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """End the stream and release the cache, the noise and the decoder state."""
+        """End the stream and release the cache, the noise and the decoder state (stops the decode worker)."""
+        self._stop_worker()
         self._stream = None
         self._decoder = None
         self._noise = None

@@ -66,12 +66,19 @@ class StreamChunk:
     previous chunk and the re-cache on a prompt switch (seconds)."""
     recache_s: float = 0.0
     """Part of ``transformer_s`` spent re-caching after a prompt switch."""
+    refresh_s: float = 0.0
+    """Part of ``transformer_s`` spent on the previous chunk's deferred cache refresh (one forward)."""
 
 
 def sync_device(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA, MPS); a no-op on the CPU."""
+    """Wait for the work queued on the calling thread's current stream (CUDA), or the device's (MPS); a no-op on
+    the CPU.
+
+    The current stream only: a decode overlapped on another stream (``GenerationSession``) keeps running, and the
+    timings of each region stay its own.
+    """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
 
@@ -302,7 +309,11 @@ class ChunkStream:
         self._sync()
         t0 = time.perf_counter()
         # The previous chunk's cache refresh, deferred so that chunk was returned one forward earlier.
-        self._refresh_pending()
+        refresh_s = 0.0
+        if self._pending is not None:
+            self._refresh_pending()
+            self._sync()
+            refresh_s = time.perf_counter() - t0
         recached, recache_s = False, 0.0
         if self.index > 0 and segment != self.segment:
             t_switch = time.perf_counter()
@@ -317,7 +328,7 @@ class ChunkStream:
         self.history.add(start, latents, self.sampler.held_frames())
         self._pending = (start, latents, context)
         chunk = StreamChunk(index=self.index, start_frame=start, latents=latents, segment=segment,
-                            recached=recached, transformer_s=elapsed, recache_s=recache_s)
+                            recached=recached, transformer_s=elapsed, recache_s=recache_s, refresh_s=refresh_s)
         self.index += 1
         return chunk
 
@@ -393,6 +404,9 @@ class DecodedChunk:
     """Pixel frames ``(B, t, 3, H, W)`` in [-1, 1] (t may be 0 while a decoder warms up); None when not decoded."""
     decode_s: float
     """Streaming-decode wall time of this chunk (seconds)."""
+    decode_wait_s: float | None = None
+    """Seconds the caller waited for this chunk's decode after its own work: the part of ``decode_s`` an overlapped
+    decode did not hide (None: not overlapped, so all of ``decode_s``)."""
 
 
 def decode_chunk(chunk: StreamChunk, decoder: Any, *, synchronize: bool = False) -> DecodedChunk:
@@ -415,6 +429,41 @@ def decode_stream(chunks: Iterable[StreamChunk], decoder: Any, *, synchronize: b
 
 
 @dataclass
+class ChunkTiming:
+    """Where the time of one :meth:`GenerationSession.next_chunk` call went (seconds).
+
+    The transformer fields are the work done *during this call*: without overlap that is the returned chunk's own
+    (and the previous chunk's deferred refresh); with an overlapped decode the next chunk is denoised while this
+    one decodes, so the call holds the next chunk's transformer work. Over a stream the sums are the same.
+    """
+
+    index: int
+    """The returned chunk."""
+    wall_s: float
+    """Duration of the call (from the caller's side)."""
+    denoise_s: float
+    """Denoising forwards (the few steps of a chunk)."""
+    refresh_s: float
+    """The deferred clean cache refresh of the chunk before (one forward)."""
+    recache_s: float
+    """Re-caching the held frames after a prompt switch."""
+    decode_s: float
+    """Decoding the returned chunk (on the worker when overlapped)."""
+    decode_wait_s: float
+    """Waiting for the decode after this call's transformer work (all of ``decode_s`` without overlap)."""
+
+    @property
+    def host_s(self) -> float:
+        """The rest of the call: noise, bookkeeping, hand-offs (on CUDA also launch gaps at the timed regions)."""
+        return max(0.0, self.wall_s - self.denoise_s - self.refresh_s - self.recache_s - self.decode_wait_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "wall_s": self.wall_s, "denoise_s": self.denoise_s, "refresh_s": self.refresh_s,
+                "recache_s": self.recache_s, "decode_s": self.decode_s, "decode_wait_s": self.decode_wait_s,
+                "host_s": self.host_s}
+
+
+@dataclass
 class StreamStats:
     """Latency and throughput of a stream (fill with :meth:`update`, one call per chunk)."""
 
@@ -431,9 +480,21 @@ class StreamStats:
     per_chunk_s: list[float] = field(default_factory=list)
     """Transformer + decode seconds of each chunk (the last ``keep_chunks`` of them)."""
     keep_chunks: int | None = None
-    """Length of ``per_chunk_s`` (None: every chunk); bounded on an endless stream, so its memory stays flat."""
+    """Length of ``per_chunk_s`` and ``timings`` (None: every chunk); bounded on an endless stream, so its memory
+    stays flat."""
+    refresh_s: float = 0.0
+    """Part of ``transformer_s`` spent on deferred cache refreshes."""
+    decode_wait_s: float = 0.0
+    """Part of ``decode_s`` the caller waited for (all of it without an overlapped decode)."""
+    elapsed_s: float = 0.0
+    """Summed duration of the timed calls (``timing`` given to :meth:`update`): what the caller waited in all."""
+    timings: list[ChunkTiming] = field(default_factory=list)
+    """Per call, where its time went (when :meth:`update` is given a ``timing``; the last ``keep_chunks``)."""
+    totals: dict[str, float] = field(default_factory=dict)
+    """:meth:`breakdown`'s running sums over every timed call."""
 
-    def update(self, chunk: StreamChunk, pixel_frames: int = 0, decode_s: float = 0.0) -> None:
+    def update(self, chunk: StreamChunk, pixel_frames: int = 0, decode_s: float = 0.0, *,
+               decode_wait_s: float | None = None, timing: ChunkTiming | None = None) -> None:
         now = time.perf_counter()
         if self.first_chunk_s is None:
             self.first_chunk_s = now - self.start_time
@@ -442,19 +503,34 @@ class StreamStats:
         self.pixel_frames += pixel_frames
         self.transformer_s += chunk.transformer_s
         self.recache_s += chunk.recache_s
+        self.refresh_s += chunk.refresh_s
         self.decode_s += decode_s
+        self.decode_wait_s += decode_s if decode_wait_s is None else decode_wait_s
         self.per_chunk_s.append(chunk.transformer_s + decode_s)
-        if self.keep_chunks is not None and len(self.per_chunk_s) > self.keep_chunks:
-            del self.per_chunk_s[0]
+        if timing is not None:
+            self.elapsed_s += timing.wall_s
+            self.timings.append(timing)
+            for key, value in timing.as_dict().items():
+                if key != "index":
+                    self.totals[key] = self.totals.get(key, 0.0) + value
+        if self.keep_chunks is not None:
+            for kept in (self.per_chunk_s, self.timings):
+                del kept[: max(0, len(kept) - self.keep_chunks)]
 
     @property
     def wall_s(self) -> float:
-        return self.transformer_s + self.decode_s
+        """Seconds the stream took: the timed calls' durations, else transformer + decode (serial work)."""
+        return self.elapsed_s if self.elapsed_s > 0 else self.transformer_s + self.decode_s
 
     def fps(self, frames: int | None = None) -> float:
-        """Frames per second over transformer + decode time (pixel frames if decoded, else latent frames)."""
+        """Frames per second over :attr:`wall_s` (pixel frames if decoded, else latent frames)."""
         n = frames if frames is not None else (self.pixel_frames or self.latent_frames)
         return n / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds by kind over every timed call: wall, denoise, refresh, recache, decode, decode_wait, host."""
+        keys = ("wall_s", "denoise_s", "refresh_s", "recache_s", "decode_s", "decode_wait_s", "host_s")
+        return {k: self.totals.get(k, 0.0) for k in keys}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -464,7 +540,10 @@ class StreamStats:
             "pixel_frames": self.pixel_frames,
             "transformer_s": self.transformer_s,
             "recache_s": self.recache_s,
+            "refresh_s": self.refresh_s,
             "decode_s": self.decode_s,
+            "decode_wait_s": self.decode_wait_s,
+            "wall_s": self.wall_s,
             "fps": self.fps(),
             "transformer_fps": (self.pixel_frames or self.latent_frames) / self.transformer_s
             if self.transformer_s > 0 else float("nan"),

@@ -64,6 +64,16 @@ GradMode = Literal["truncate", "straight_through"]
 GRAD_MODES: tuple[str, ...] = ("truncate", "straight_through")
 
 
+def _not_traced(method):
+    """Run ``method`` eagerly under ``torch.compile`` (a graph break around it).
+
+    The cache's bookkeeping is python ints, sets and lists that change every call (write serials, the layers a step
+    wrote, the visible slots): traced, each value would be a guard and every chunk a recompilation. Compiling
+    a transformer block thus compiles the compute around the cache, and the layer index only passes through.
+    """
+    return torch.compiler.disable(method, recursive=True)
+
+
 @dataclass
 class CacheStep:
     """The layout decided once per model call (by :meth:`KVCache.begin_chunk`) and used by every layer."""
@@ -163,6 +173,10 @@ class KVCache:
         """Write serial of each filled slot: identifies the values a slot holds."""
         self._next_serial = 0
         self._end_frame = 0
+        self.next_step: CacheStep | None = None
+        """A layout decided ahead by the caller (a :meth:`begin_chunk` result, e.g. by the CUDA graphs of
+        ``sfvideo.inference.graphs``, which must know it before the model runs): the next :meth:`begin_chunk`
+        returns it instead of deciding again, once."""
         # Straight-through: per layer, absolute frame -> (K, V) of that frame's last grad-enabled write.
         self._live: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(self.num_layers)]
         self.reset_cross()
@@ -188,8 +202,15 @@ class KVCache:
 
         Drops held frames ``>= start_frame``, evicts if needed, reserves the chunk's slots and lists the visible
         cached frames. ``window_frames`` overrides the cache's window for this call when not ``None``.
+        With :attr:`next_step` set, returns that layout instead (it must be for the same chunk).
         """
         start_frame, num_frames = operator.index(start_frame), operator.index(num_frames)  # python ints only
+        if self.next_step is not None:
+            step, self.next_step = self.next_step, None
+            if (step.start_frame, step.num_frames) != (start_frame, num_frames):
+                raise ValueError(f"KVCache: the layout decided ahead is for chunk ({step.start_frame}, "
+                                 f"{step.num_frames}), the model asked for ({start_frame}, {num_frames})")
+            return step
         window = self.window_frames if window_frames is None else window_frames
         if num_frames <= 0:
             raise ValueError(f"KVCache: chunk must have frames, got {num_frames}")
@@ -269,6 +290,7 @@ class KVCache:
             self.v[layer] = torch.zeros(shape, **kwargs)
         return self.k[layer], self.v[layer]
 
+    @_not_traced
     def attend(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,12 +360,14 @@ class KVCache:
 
     # -- cross-attention ---------------------------------------------------------------------------------------
 
+    @_not_traced
     def get_cross(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Cached text ``(K, V)`` of a layer, each ``(B, L_text, H, D)``, or ``None``."""
         if self.cross_k[layer] is None:
             return None
         return self.cross_k[layer], self.cross_v[layer]
 
+    @_not_traced
     def set_cross(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store a layer's text K/V (detached) for reuse until :meth:`reset_cross`."""
         self.cross_k[layer] = k.detach()

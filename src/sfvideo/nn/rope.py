@@ -11,6 +11,8 @@ attended view with positions relative to the view (``nn/kv_cache.py``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 ROPE_THETA = 10000.0
@@ -67,6 +69,19 @@ def rope_cos_sin(
     ang_w = _axis_angles(cols, w_dim, theta)[None, None, :, :].expand(num_frames, height, width, -1)
     angles = torch.cat([ang_t, ang_h, ang_w], dim=-1).reshape(num_frames * height * width, head_dim // 2)
     return angles.cos().float(), angles.sin().float()
+
+
+@functools.lru_cache(maxsize=64)
+def rope_table(
+    num_frames: int, height: int, width: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_cos_sin` of frames ``0 .. num_frames - 1``, computed once per arguments and shared (read-only).
+
+    The KV-cached forward rotates its attended view with positions ``0 .. V - 1`` (``nn/kv_cache.py``), so a
+    stream meets only a few view lengths: computing their tables once saves a float64 table per forward, and the
+    same tensors on every call are what a CUDA graph of the forward needs (its replay reads fixed addresses).
+    """
+    return rope_cos_sin(range(num_frames), height, width, head_dim, device=device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

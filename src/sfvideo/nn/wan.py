@@ -36,7 +36,7 @@ from sfvideo.geometry import check_chunking
 from sfvideo.nn.attention import BACKENDS, build_mask, resolve_backend
 from sfvideo.nn.attention import attention as attend
 from sfvideo.nn.kv_cache import CacheStep, GradMode, KVCache
-from sfvideo.nn.rope import apply_rope, rope_axis_dims, rope_cos_sin
+from sfvideo.nn.rope import apply_rope, rope_axis_dims, rope_cos_sin, rope_table
 
 AttentionMode = Literal["bidirectional", "block_causal", "teacher_forcing"]
 ATTENTION_MODES: tuple[str, ...] = ("bidirectional", "block_causal", "teacher_forcing")
@@ -543,7 +543,7 @@ class WanTransformer(ModelMixin, ConfigMixin):
                 )
             step = kv_cache.begin_chunk(start_frame, frames, window_frames)
             view_len = step.view_frames
-            cos, sin = rope_cos_sin(range(view_len), grid_h, grid_w, head_dim, device=x.device)
+            cos, sin = rope_table(view_len, grid_h, grid_w, head_dim, x.device)  # shared, read-only
             # Queries are the last `frames` frames of the view.
             plan = _AttnPlan(backend, (cos[-num_tokens:], sin[-num_tokens:]), (cos, sin), None, kv_cache, step)
         else:
