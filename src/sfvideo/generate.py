@@ -315,7 +315,10 @@ def run(args: Any) -> dict[str, Any]:
     console.print(f"[bold]{PROG}[/]: {source.path} -> {out} | {session.num_frames} latent frames in chunks of "
                   f"{session.frames_per_chunk}, window {session.window_frames or 'global'}, sink "
                   f"{session.sink_frames}, {len(schedule)} prompt(s), {device} {str(dtype).removeprefix('torch.')}")
-    written = write_stream(session, out, args, console)
+    try:
+        written = write_stream(session, out, args, console)
+    finally:
+        session.close()  # no decode of this stream runs on (an overlapped decode, after Ctrl-C or an error)
     if args.save_latents and written.latents:
         from sfvideo.files import AtomicFile
 

@@ -28,12 +28,18 @@ API::
     ``negative(batch)``, ``noise(batch, frames, seed)``, ``generate(prompts, num_frames, seed)``,
     ``decode(latents)``, ``sample_clip(prompts, noise)`` (bidirectional Euler + CFG), ``session(**options)``.
     ``InferenceEngine.from_checkpoint(ckpt, ...)`` builds everything from what the checkpoint records.
+    ``step_graphs=True`` replays the generator's cached forwards as CUDA graphs (``graphs.StepGraphs``, one per
+    cache layout; ``engine.graphs``); ``engine.decode_workers`` are the threads of overlapped decodes.
 
 ``GenerationSession``
     Per consumer: ``start(prompts, seed, schedule)``, ``next_chunk() -> DecodedChunk | None``,
     ``switch_prompt(prompts) -> segment`` (at the next chunk not yet begun; thread-safe, so a server calls it
-    while a chunk is generated), ``close()``; ``stats`` (``StreamStats``: latency, FPS, transformer / decode /
-    re-cache seconds), ``num_chunks``, ``num_pixel_frames``, ``kv_cache``. Prompts may be given as embeddings
+    while a chunk is generated), ``close()`` (or ``with engine.session(...) as session``); ``stats``
+    (``StreamStats``: latency, FPS, transformer / refresh / re-cache / decode seconds, and per call
+    ``timings``/``breakdown()``: denoise, refresh, decode, waited, host), ``num_chunks``, ``num_pixel_frames``,
+    ``kv_cache``. ``overlap_decode`` (default: where it pays) decodes chunk ``i`` on a worker thread (CUDA: its
+    own stream) while chunk ``i + 1`` is denoised, same frames; a live switch then lands one chunk later (the
+    server turns it off). Prompts may be given as embeddings
     from ``engine.encode`` (encoded on another thread). ``endless=True`` streams until closed (a server) in flat
     memory (rolling cache, bounded history, past prompts dropped); otherwise ``num_frames`` latent frames (default:
     the training clip).
@@ -51,12 +57,15 @@ Where new pieces plug in, without changing the callers:
       ``switch``, ``held_frames``; it owns its caches, e.g. two for CFG), chosen in ``GenerationSession.start`` by
       ``settings.sampler``;
     * a decoder (TAEHV): any ``nn.interfaces.VideoDecoder`` passed as ``decoder`` (``sfvideo generate --decoder``);
-    * decoding chunk ``i`` on a worker thread while chunk ``i + 1`` is denoised: inside
-      ``GenerationSession.next_chunk``, which is the only place a chunk is decoded;
+    * decoding chunk ``i`` on a worker thread while chunk ``i + 1`` is denoised: done inside
+      ``GenerationSession.next_chunk``, the only place a chunk is decoded (``overlap.py``);
+    * speed-ups applied from outside (``graphs.py``): ``compile_blocks`` (``torch.compile`` per block; the KV
+      cache's bookkeeping is never traced) and ``StepGraphs``;
     * a browser server: one ``GenerationSession(endless=True)`` per connection.
 
 Modules: ``engine.py`` (the engine, sessions, cache sizing), ``stream.py`` (the chunk loop, prompt switches,
-timing), ``causal_cfg.py`` (the many-step causal sampler), ``prompts.py`` (prompt schedules from text and files).
+timing), ``causal_cfg.py`` (the many-step causal sampler), ``prompts.py`` (prompt schedules from text and files),
+``overlap.py`` (decode workers), ``graphs.py`` (compile, CUDA graphs).
 """
 
 from sfvideo.inference.causal_cfg import CausalCFGChunks
@@ -70,6 +79,7 @@ from sfvideo.inference.prompts import PromptSchedule, parse_prompt_schedule, rea
 from sfvideo.inference.stream import (
     ChunkSampler,
     ChunkStream,
+    ChunkTiming,
     DecodedChunk,
     FewStepChunks,
     StreamChunk,
@@ -84,6 +94,7 @@ __all__ = [
     "CausalCFGChunks",
     "ChunkSampler",
     "ChunkStream",
+    "ChunkTiming",
     "DecodedChunk",
     "FewStepChunks",
     "GenerationSession",

@@ -141,8 +141,11 @@ class ServeGenerator:
                              f"or --decoder CLASS_PATH)")
         self.engine = engine
         self.source = source
+        # overlap_decode=False: a viewer's switch lands at the next chunk. An overlapped decode (the engine's
+        # default on CUDA) denoises one chunk ahead, so a switch would land one chunk later.
         self._options = dict(endless=True, frames_per_chunk=frames_per_chunk, window_frames=window_frames,
-                             sink_frames=sink_frames, recache_on_switch=recache_on_switch, decode=True)
+                             sink_frames=sink_frames, recache_on_switch=recache_on_switch, decode=True,
+                             overlap_decode=False)
         try:  # the engine checks the options; a probe session knows the defaults they resolve to
             probe = engine.session(**self._options)
         except ValueError as e:
