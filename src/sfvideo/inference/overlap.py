@@ -113,9 +113,11 @@ class DecodeWorker:
         return DecodedChunk(chunk=job.chunk, frames=frames, decode_s=job.decode_s, decode_wait_s=waited), waited
 
     def drain(self) -> None:
-        """Drop the queued jobs, let the one in flight finish, and wait until the worker is idle."""
+        """Drop the queued jobs, let the one in flight finish, and wait until the worker is idle (on the worker's
+        own thread -- a garbage collection there may run a session's finalizer -- only drop them)."""
         self._generation += 1
-        self._jobs.join()
+        if threading.current_thread() is not self.thread:
+            self._jobs.join()
 
     def close(self) -> None:
         """:meth:`drain`, then stop and join the thread (idempotent)."""
