@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -77,17 +75,12 @@ def _evaluate(
     from dataclasses import replace
 
     from sfvideo.checkpoints import read_checkpoint
-    from sfvideo.evaluation import score_toy_videos
+    from sfvideo.evaluation import evaluate_toy_engine, real_toy_features, toy_eval_prompts
     from sfvideo.inference import InferenceEngine
-    from sfvideo.toy.features import distance_report, load_feature_encoder
-    from sfvideo.toy.world import heldout_prompts, render_batch, train_prompts
+    from sfvideo.toy.features import load_feature_encoder
     from sfvideo.video import save_contact_sheet, write_mp4
 
-    g = torch.Generator().manual_seed(seed)
-    splits = {}
-    for split, pool in (("train", train_prompts()), ("heldout", heldout_prompts())):
-        idx = torch.randint(len(pool), (num_eval,), generator=g).tolist()
-        splits[split] = [pool[i] for i in idx]
+    splits = toy_eval_prompts(num_eval, seed)
     features = load_feature_encoder()
     results: dict[str, Any] = {}
     models = {
@@ -104,22 +97,9 @@ def _evaluate(
             settings = replace(settings, sampling=replace(settings.sampling, num_steps=teacher_steps))
         engines[label] = InferenceEngine.from_checkpoint(ckpt, settings=settings)
     for split, prompts in splits.items():
-        with torch.no_grad():
-            real = features.features(render_batch(prompts, [10_000 + i for i in range(len(prompts))]))
-            real_ref = features.features(render_batch(prompts, [20_000 + i for i in range(len(prompts))]))
+        real = real_toy_features(prompts, features)
         for label, (kind, folder) in models.items():
-            engine = engines[label]
-            t0 = time.perf_counter()
-            latents = engine.generate(prompts, seed=seed)
-            seconds = time.perf_counter() - t0
-            video = engine.decode(latents).clamp(-1, 1)
-            scores = {
-                k: float(v) for k, v in score_toy_videos(video, prompts).items() if torch.as_tensor(v).numel() == 1
-            }
-            with torch.no_grad():
-                dist = distance_report(features.features(video), real, real_ref)
-            scores.update({k: float(v) for k, v in dist.items() if torch.as_tensor(v).numel() == 1})
-            scores["seconds_per_video"] = seconds / len(prompts)
+            scores, video = evaluate_toy_engine(engines[label], prompts, seed=seed, features=features, real=real)
             results.setdefault(split, {})[label] = scores
             tag = kind if kind == "teacher" else folder.name
             sample_dir = out / "samples" / split / tag

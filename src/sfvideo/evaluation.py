@@ -31,3 +31,55 @@ def score_toy_videos(
     if reference is not None and features is not None:
         scores.update(features(videos.float().cpu(), reference.float().cpu()))
     return scores
+
+
+def toy_eval_prompts(num: int, seed: int) -> dict[str, list[str]]:
+    """``num`` prompts per split (``train``, ``heldout``), drawn uniformly with replacement from each pool."""
+    from sfvideo.toy.world import heldout_prompts, train_prompts
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for split, pool in (("train", train_prompts()), ("heldout", heldout_prompts())):
+        idx = torch.randint(len(pool), (num,), generator=g).tolist()
+        out[split] = [pool[i] for i in idx]
+    return out
+
+
+def real_toy_features(prompts: Sequence[str], features: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of two independent real sets for ``prompts`` (scene seeds 10000+i and 20000+i): the reference of
+    the FD and the real-vs-real floor."""
+    from sfvideo.toy.world import render_batch
+
+    n = len(prompts)
+    with torch.no_grad():
+        real = features.features(render_batch(list(prompts), [10_000 + i for i in range(n)]))
+        ref = features.features(render_batch(list(prompts), [20_000 + i for i in range(n)]))
+    return real, ref
+
+
+def evaluate_toy_engine(
+    engine: Any,
+    prompts: Sequence[str],
+    *,
+    seed: int,
+    features: Any,
+    real: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Generate one video per prompt with ``engine`` (seeded ``seed``) and score it: the exact toy metrics,
+    FD/KD against ``real`` (from :func:`real_toy_features`) and ``seconds_per_video``. Returns
+    ``(scalar scores, videos (B, T, 3, H, W) in [-1, 1])``."""
+    import time
+
+    from sfvideo.toy.features import distance_report
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        latents = engine.generate(list(prompts), seed=seed)
+    seconds = time.perf_counter() - t0
+    video = engine.decode(latents).clamp(-1, 1)
+    scores = {k: float(v) for k, v in score_toy_videos(video, prompts).items() if torch.as_tensor(v).numel() == 1}
+    with torch.no_grad():
+        dist = distance_report(features.features(video), *real)
+    scores.update({k: float(v) for k, v in dist.items() if torch.as_tensor(v).numel() == 1})
+    scores["seconds_per_video"] = seconds / len(prompts)
+    return scores, video

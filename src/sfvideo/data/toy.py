@@ -18,7 +18,11 @@ from sfvideo.toy.world import ToyWorldConfig, render_batch, sample_prompts
 
 
 class ToyVideoStream(IterableDataset):
-    """Infinite stream of ``{"prompts": [...], "latents": (B, F, C, h, w), "seeds": (B,)}`` batches."""
+    """Infinite stream of ``{"prompts": [...], "latents": (B, F, C, h, w), "seeds": (B,)}`` batches.
+
+    ``num_scenes > 0`` fixes the data to that many (prompt, scene seed) pairs, drawn once from ``seed``
+    (rank-independent, so every rank sees the same set); each batch then samples them uniformly with replacement.
+    """
 
     def __init__(
         self,
@@ -29,18 +33,31 @@ class ToyVideoStream(IterableDataset):
         rank: int,
         two_object_fraction: float = 0.0,
         start_batch: int = 0,
+        num_scenes: int = 0,
     ) -> None:
         super().__init__()
         self.world, self.codec, self.batch_size = world, codec, batch_size
         self.seed, self.rank, self.start_batch = seed, rank, start_batch
         self.two_object_fraction = two_object_fraction
+        self.scenes: list[tuple[str, int]] = []
+        if num_scenes > 0:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+            prompts = sample_prompts(num_scenes, g, split="train", two_object_fraction=two_object_fraction)
+            seeds = torch.randint(0, 2**31 - 1, (num_scenes,), generator=g).tolist()
+            self.scenes = list(zip(prompts, seeds))
 
     def __iter__(self) -> Iterator[dict]:
         step = self.start_batch
         while True:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_033 + step)
-            prompts = sample_prompts(self.batch_size, g, split="train", two_object_fraction=self.two_object_fraction)
-            seeds = torch.randint(0, 2**31 - 1, (self.batch_size,), generator=g)
+            if self.scenes:
+                picks = torch.randint(len(self.scenes), (self.batch_size,), generator=g).tolist()
+                prompts = [self.scenes[i][0] for i in picks]
+                seeds = torch.tensor([self.scenes[i][1] for i in picks])
+            else:
+                prompts = sample_prompts(self.batch_size, g, split="train",
+                                         two_object_fraction=self.two_object_fraction)
+                seeds = torch.randint(0, 2**31 - 1, (self.batch_size,), generator=g)
             with torch.no_grad():
                 video = render_batch(prompts, seeds.tolist(), self.world)
                 latents = self.codec.encode(video)
@@ -57,6 +74,8 @@ class ToyVideoDataModule(L.LightningDataModule):
         batch_size: clips per rank per step.
         two_object_fraction: share of scenes with two objects.
         seed: seed of prompts and scenes.
+        num_scenes: 0 = a new scene for every sample (the default); ``n > 0`` = a fixed set of ``n`` training
+            scenes (the overfit test).
         num_workers: rendering processes (1 renders the next batch while the model trains on this one).
     """
 
@@ -67,10 +86,14 @@ class ToyVideoDataModule(L.LightningDataModule):
         batch_size: int = 8,
         two_object_fraction: float = 0.0,
         seed: int = 0,
+        num_scenes: int = 0,
         num_workers: int = 1,
     ) -> None:
         super().__init__()
         self.num_workers = num_workers
+        if num_scenes < 0:
+            raise ValueError(f"--data.num_scenes must be >= 0, got {num_scenes}")
+        self.num_scenes = num_scenes
         if batch_size <= 0:
             raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
         self.world = world
@@ -81,7 +104,8 @@ class ToyVideoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
         stream = ToyVideoStream(
-            self.world, self.codec, self.batch_size, self.seed, rank, self.two_object_fraction, self._batches_consumed
+            self.world, self.codec, self.batch_size, self.seed, rank, self.two_object_fraction, self._batches_consumed,
+            num_scenes=self.num_scenes,
         )
         # One stream per rank; with a worker process the stream is rendered there (a single worker keeps the
         # order and the resume position exact).

@@ -27,8 +27,11 @@ The causal layouts follow the official ``model/diffusion.py::CausalDiffusion.gen
    schedule's training weight of the frame's level (``FlowMatchSchedule.training_weight``, the Gaussian bump of
    ``FlowMatchScheduler.set_timesteps(1000, training=True)``, mean 1 over the grid), averaged over ``(B, F)``.
 
-The teacher keeps its own recipe: one level per sample, uniform on the same grid, unweighted MSE
-(``loss_weight=None`` resolves to ``"schedule"`` for the causal layouts and ``"uniform"`` for the teacher).
+The teacher keeps its own recipe: one level per sample, unweighted MSE (``loss_weight=None`` resolves to
+``"schedule"`` for the causal layouts and ``"uniform"`` for the teacher), its level drawn by ``sigma_sampling``:
+``grid`` (uniform on the same grid, as Wan) or ``logit_normal`` (SD3's density, Esser et al. 2024 eq. 19:
+``sigma = shift(sigmoid(m + s n))``, ``n ~ N(0, 1)``; ``m > 0`` moves training towards high noise, where a
+teacher decides layout and motion — the toy diagnosis in docs/toy_teacher.md).
 
 Caption dropout (``caption_dropout``, ``forcing.drop_captions``): each sample's prompt embedding is replaced by the
 negative prompt's with that probability, which trains the unconditional branch of classifier-free guidance. The
@@ -43,6 +46,7 @@ CFG on two KV caches; official ``pipeline/causal_diffusion_inference.py``), both
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -87,6 +91,13 @@ class FlowMatchingDiffusion(TrainingModule):
             official TF/DF code, the default of ``utils/wan_wrapper.py::WanDiffusionWrapper``).
         optimizer: optimizer factory (default: torch AdamW, lr 1e-3).
         warmup_steps: linear learning-rate warm-up.
+        lr_decay_steps: after warm-up, cosine decay of the learning rate over this many steps down to
+            ``min_lr_ratio`` of it (then constant); 0 = constant after warm-up.
+        min_lr_ratio: final learning rate of the cosine decay, as a fraction of the peak.
+        sigma_sampling: the teacher's training noise density: ``grid`` (uniform on the shifted grid) or
+            ``logit_normal`` (see the module docstring); DF/TF always draw from the grid (official).
+        logit_mean: ``m`` of ``logit_normal``.
+        logit_std: ``s`` of ``logit_normal``.
         optim: gradient clipping (off by default) and accumulation.
         ema: EMA of the weights (the exported teacher is the EMA when on).
         sampling: how the trained model is sampled (recorded for inference): steps, shift, guidance, solver.
@@ -114,6 +125,11 @@ class FlowMatchingDiffusion(TrainingModule):
         schedule: FlowMatchSchedule = FlowMatchSchedule(),
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 0,
+        lr_decay_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        sigma_sampling: Literal["grid", "logit_normal"] = "grid",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
         optim: OptimConfig = OptimConfig(grad_clip=0.0),
         ema: EMAConfig = EMAConfig(decay=0.0, start_step=0),
         sampling: ManyStepSampling = ManyStepSampling(),
@@ -146,6 +162,20 @@ class FlowMatchingDiffusion(TrainingModule):
                     f"--model.init_args.noise_augmentation_max_timestep={noise_augmentation_max_timestep}: no level "
                     f"of the shift-{schedule.shift} grid has a timestep below it (augmentation_indexing low_noise)"
                 )
+        if lr_decay_steps < 0 or warmup_steps < 0:
+            raise ValueError("--model.init_args.warmup_steps and lr_decay_steps must be >= 0, got "
+                             f"{warmup_steps} and {lr_decay_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"--model.init_args.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if sigma_sampling not in ("grid", "logit_normal"):
+            raise ValueError(f"--model.init_args.sigma_sampling must be grid or logit_normal, got {sigma_sampling!r}")
+        if sigma_sampling != "grid" and attention != "bidirectional":
+            raise ValueError(
+                f"--model.init_args.sigma_sampling {sigma_sampling} is a teacher option: DF/TF draw per-chunk levels "
+                f"from the grid as the official code does (attention is {attention})"
+            )
+        if logit_std <= 0:
+            raise ValueError(f"--model.init_args.logit_std must be positive, got {logit_std}")
         self.check_network_sources({"model": (model, model_overrides)})
         self.attention = attention
         if loss_weight is None:
@@ -170,9 +200,17 @@ class FlowMatchingDiffusion(TrainingModule):
 
     def configure_optimizers(self) -> Any:
         opt = self.optimizer_factory(self.model.parameters())
-        warm = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_factor(self, step: int) -> float:
+        """Learning-rate multiplier of update ``step``: linear warm-up, then cosine down to ``min_lr_ratio``."""
+        h = self.hparams
+        warm = max(1, h.warmup_steps)
+        if step < warm or h.lr_decay_steps == 0:
+            return min(1.0, (step + 1) / warm)
+        t = min(1.0, (step - warm) / h.lr_decay_steps)
+        return h.min_lr_ratio + (1.0 - h.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     def inference_settings(self) -> InferenceSettings:
         sampler = "euler" if self.attention == "bidirectional" else "causal_cfg"
@@ -182,7 +220,8 @@ class FlowMatchingDiffusion(TrainingModule):
     def sample_sigma(self, batch: int, g: torch.Generator) -> torch.Tensor:
         """The training noise levels ``(B, F)``: the one place they are drawn.
 
-        Teacher: one level per sample, uniform on the shifted ``N``-point grid, repeated over the frames. DF/TF:
+        Teacher: one level per sample (``sigma_sampling``: uniform on the shifted ``N``-point grid, or shifted
+        logit-normal), repeated over the frames. DF/TF:
         one level per chunk, an index uniform into the same grid (official ``model/diffusion.py``,
         ``forcing.sample_forcing_sigmas``).
         """
@@ -190,8 +229,13 @@ class FlowMatchingDiffusion(TrainingModule):
         if self.attention != "bidirectional":
             return sample_forcing_sigmas(self.schedule, batch, geo.num_frames, geo.frames_per_chunk, g,
                                          device=self.device)
-        u = torch.randint(0, self.schedule.num_train_timesteps, (batch,), generator=g, device=g.device)
-        sigma = self.schedule.shift_sigma(1.0 - u.float() / self.schedule.num_train_timesteps)
+        h = self.hparams
+        if h.sigma_sampling == "logit_normal":
+            n = torch.randn((batch,), generator=g, device=g.device)
+            sigma = self.schedule.shift_sigma(torch.sigmoid(h.logit_mean + h.logit_std * n))
+        else:
+            u = torch.randint(0, self.schedule.num_train_timesteps, (batch,), generator=g, device=g.device)
+            sigma = self.schedule.shift_sigma(1.0 - u.float() / self.schedule.num_train_timesteps)
         return sigma[:, None].expand(batch, geo.num_frames)
 
     def flow_matching_loss(self, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -227,6 +271,9 @@ class FlowMatchingDiffusion(TrainingModule):
         batch = {k: batch[k] for k in ("latents", "prompts")}
         lr = opt.param_groups[0]["lr"]  # the rate of this step, before the scheduler moves it
         logs = self.update("model", opt, batch, self.flow_matching_loss)
+        # The EMA follows the update at once: a checkpoint saved at the end of this step (ModelCheckpoint runs
+        # before the module's on_train_batch_end) then holds the EMA of exactly these weights.
+        self.update_ema(self.global_step)
         self.lr_schedulers().step()
         size = batch["latents"].shape[0]
         self.log("train/loss", logs["loss"], prog_bar=True, on_step=True, batch_size=size)
@@ -234,5 +281,3 @@ class FlowMatchingDiffusion(TrainingModule):
         self.log("lr", lr, on_step=True, batch_size=size)
         return logs["loss"]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.update_ema(self.global_step)
