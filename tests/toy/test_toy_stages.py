@@ -1,5 +1,6 @@
 """Each stage of the toy pipeline (teacher, ODE initialisation, Self Forcing DMD) runs a few steps through the CLI."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 def _fit(tmp_path, name, *extra):
     main(["fit", "--config", str(CONFIGS / name), "--trainer.logger.init_args.save_dir", str(tmp_path), *QUIET,
           *extra])
-    (ckpt,) = tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
-    return ckpt
+    return next(iter(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")), None)
 
 
 def test_teacher_stage_runs(tmp_path):
@@ -25,6 +25,19 @@ def test_teacher_stage_runs(tmp_path):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
     assert state["rank_local"]["model_ema"]["num_updates"] == 2
+
+
+def test_a_checkpoint_holds_the_ema_of_its_own_step(tmp_path):
+    # ModelCheckpoint saves in its on_train_batch_end, before the module's: the EMA must already have folded in
+    # the update of that step, or every saved EMA lags the weights beside it by one update.
+    every_step = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                              "init_args": {"save_top_k": -1, "every_n_train_steps": 1}}])
+    _fit(tmp_path, "teacher.yaml", "--trainer.max_steps", "2", "--data.init_args.batch_size", "2",
+         "--data.init_args.num_workers", "0", "--trainer.callbacks", every_step)
+    for step in (1, 2):
+        (ckpt,) = tmp_path.glob(f"lightning_logs/version_*/checkpoints/*step={step}.ckpt")
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        assert state["global_step"] == step and state["rank_local"]["model_ema"]["num_updates"] == step
 
 
 needs_teacher = pytest.mark.skipif(asset_path("toy_teacher") is None, reason="toy teacher asset not built")

@@ -153,3 +153,46 @@ def test_options_are_checked_and_the_sampler_is_recorded():
         module("teacher_forcing", noise_augmentation_max_timestep=5)
     with pytest.raises(ValueError, match="no level"):  # no grid timestep below 1
         module("teacher_forcing", noise_augmentation_max_timestep=1, augmentation_indexing="low_noise")
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine_to_its_floor():
+    m, _ = module("bidirectional", warmup_steps=4, lr_decay_steps=10, min_lr_ratio=0.1)
+    f = [m.lr_factor(s) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up (step + 1) / warm
+    # cosine from the peak at step 4 to min_lr_ratio at step 14: 0.1 + 0.9 (1 + cos(pi t)) / 2, t = (s - 4) / 10
+    for s in range(4, 20):
+        t = min(1.0, (s - 4) / 10)
+        assert f[s] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * t)), abs=1e-12)
+    assert f[9] == pytest.approx(0.55) and f[19] == pytest.approx(0.1)
+    constant, _ = module("bidirectional", warmup_steps=2)  # lr_decay_steps 0: constant after warm-up
+    assert [constant.lr_factor(s) for s in (0, 1, 50)] == [0.5, 1.0, 1.0]
+
+
+def test_logit_normal_levels_follow_their_density():
+    m, _ = module("bidirectional", sigma_sampling="logit_normal", logit_mean=0.5, logit_std=1.0)
+    n = 4000
+    sigma = m.sample_sigma(n, torch.Generator().manual_seed(0))
+    assert sigma.shape == (n, GEO.num_frames) and bool((sigma == sigma[:, :1]).all())  # one level per sample
+    s = sigma[:, 0]
+    assert 0 < float(s.min()) and float(s.max()) < 1
+    # logit(sigma) ~ N(0.5, 1) (shift 1): its quartiles are 0.5 -/+ 0.674; sample quartiles of 4000 draws have a
+    # standard error of about 0.03, so 0.1 is > 3 of them.
+    z = torch.logit(s.double())
+    q = torch.quantile(z, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    assert q.tolist() == pytest.approx([0.5 - 0.674, 0.5, 0.5 + 0.674], abs=0.1)
+    grid, _ = module("bidirectional")  # the default stays the grid: only its N levels occur
+    levels = set(grid.sample_sigma(200, torch.Generator().manual_seed(0))[:, 0].tolist())
+    assert levels <= set(N4.sigmas(torch.float32).tolist())
+
+
+def test_teacher_only_options_are_checked():
+    with pytest.raises(ValueError, match="teacher option"):
+        module("block_causal", sigma_sampling="logit_normal")
+    with pytest.raises(ValueError, match="sigma_sampling must be grid or logit_normal"):
+        module("bidirectional", sigma_sampling="uniform")
+    with pytest.raises(ValueError, match="logit_std must be positive"):
+        module("bidirectional", sigma_sampling="logit_normal", logit_std=0.0)
+    with pytest.raises(ValueError, match=r"min_lr_ratio must be in \[0, 1\]"):
+        module("bidirectional", min_lr_ratio=1.5)
+    with pytest.raises(ValueError, match="lr_decay_steps must be >= 0"):
+        module("bidirectional", lr_decay_steps=-1)
