@@ -102,6 +102,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "memory": (_lazy("sfvideo.training.memory"), "Per-GPU memory plan of a configuration."),
     "serve": (_lazy("sfvideo.serve.command"), "A local web page streaming a generator live, with prompt switching."),
     "evaluate": (_lazy("sfvideo.evaluate"), "VBench quality dimensions, curves over time and a report."),
+    "curves": (_lazy("sfvideo.curves"), "Training curves of a run as a PNG and a CSV."),
     "probe-teacher": (_lazy("sfvideo.probe_teacher"), "How far a toy-world teacher has learned its world."),
     "demo": (_lazy("sfvideo.demo"), "The embedded toy-world job: teacher -> Self Forcing -> samples -> metrics."),
 }
