@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"sfvideo curves: {e.args[0]}") from None
     plot_curves(curves, out, smoothing=args.smoothing, title=args.title or str(args.run), log_y=args.log_y)
     write_csv(curves, out.with_suffix(".csv"))
-    print(f"wrote {out} and {out.with_suffix('.csv')} ({', '.join(f'{t}: {len(c)} points' for t, c in curves.items())})")
+    counts = ", ".join(f"{t}: {len(c)} points" for t, c in curves.items())
+    print(f"wrote {out} and {out.with_suffix('.csv')} ({counts})")
 
 
 if __name__ == "__main__":
