@@ -69,12 +69,10 @@ def order_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed: i
     return losses
 
 
-def probe(path: str | Path, *, num_eval: int, steps: int | None, use_ema: bool, seed: int,
-          sigmas: list[float]) -> dict[str, Any]:
+def teacher_engine(path: str | Path, *, steps: int | None, use_ema: bool) -> Any:
+    """The inference engine of a teacher checkpoint or folder, with ``steps`` sampler steps (None: recorded)."""
     from sfvideo.checkpoints import read_checkpoint
-    from sfvideo.evaluation import evaluate_toy_engine, real_toy_features, toy_eval_prompts
     from sfvideo.inference import InferenceEngine
-    from sfvideo.toy.features import load_feature_encoder
 
     ckpt = read_checkpoint(path)
     settings = ckpt.settings
@@ -82,7 +80,31 @@ def probe(path: str | Path, *, num_eval: int, steps: int | None, use_ema: bool, 
         raise SystemExit(f"sfvideo probe-teacher: {path} records no inference settings")
     if steps is not None:
         settings = replace(settings, sampling=replace(settings.sampling, num_steps=steps))
-    engine = InferenceEngine.from_checkpoint(ckpt, settings=settings, use_ema=use_ema)
+    return InferenceEngine.from_checkpoint(ckpt, settings=settings, use_ema=use_ema)
+
+
+def check_scores(path: str | Path, *, num_eval: int, num_steps: int, seed: int, use_ema: bool) -> dict[str, float]:
+    """The sample scores of a small, cheap evaluation on training prompts (recorded in the report as ``check``
+    so that a test can re-run it on the shipped checkpoint and compare)."""
+    from sfvideo.evaluation import evaluate_toy_engine, real_toy_features, toy_eval_prompts
+    from sfvideo.toy.features import load_feature_encoder
+
+    engine = teacher_engine(path, steps=num_steps, use_ema=use_ema)
+    features = load_feature_encoder()
+    prompts = toy_eval_prompts(num_eval, seed)["train"]
+    scores, _ = evaluate_toy_engine(engine, prompts, seed=seed, features=features,
+                                    real=real_toy_features(prompts, features))
+    scores.pop("seconds_per_video")
+    return scores
+
+
+def probe(path: str | Path, *, num_eval: int, steps: int | None, use_ema: bool, seed: int,
+          sigmas: list[float], check: tuple[int, int] | None = None) -> dict[str, Any]:
+    from sfvideo.evaluation import evaluate_toy_engine, real_toy_features, toy_eval_prompts
+    from sfvideo.toy.features import load_feature_encoder
+
+    engine = teacher_engine(path, steps=steps, use_ema=use_ema)
+    settings = engine.settings
     features = load_feature_encoder()
     report: dict[str, Any] = {"checkpoint": str(path), "ema": use_ema, "num_steps": settings.sampling.num_steps,
                               "samples": {}}
@@ -93,6 +115,10 @@ def probe(path: str | Path, *, num_eval: int, steps: int | None, use_ema: bool, 
         report["samples"][split] = scores
     report["one_step"] = one_step_probe(engine, splits["train"], sigmas, seed=seed)
     report["order"] = order_probe(engine, splits["train"], sigmas, seed=seed)
+    if check is not None:
+        n, k = check
+        report["check"] = {"num_eval": n, "num_steps": k, "seed": seed,
+                           "train": check_scores(path, num_eval=n, num_steps=k, seed=seed, use_ema=use_ema)}
     return report
 
 
@@ -123,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sigmas", default="0.5,0.7,0.85", help="noise levels of the probes, comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--check", default=None, metavar="N,STEPS",
+                   help="also record a small evaluation (N training prompts, STEPS sampler steps) that a test "
+                        "re-runs on the shipped checkpoint (tests/toy/test_toy_teacher.py)")
     args = p.parse_args(argv)
     if args.num_eval <= 0:
         raise SystemExit(f"sfvideo probe-teacher: --num_eval must be positive, got {args.num_eval}")
@@ -132,11 +161,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"sfvideo probe-teacher: --sigmas must be numbers separated by commas, got {args.sigmas!r}")
     if not all(0 < s <= 1 for s in sigmas):
         raise SystemExit(f"sfvideo probe-teacher: --sigmas must lie in (0, 1], got {args.sigmas}")
+    check = None
+    if args.check:
+        try:
+            n, k = (int(v) for v in args.check.split(","))
+        except ValueError:
+            raise SystemExit(f"sfvideo probe-teacher: --check must be N,STEPS (two integers), got {args.check!r}")
+        if n <= 0 or k <= 0:
+            raise SystemExit(f"sfvideo probe-teacher: --check needs positive N and STEPS, got {args.check}")
+        check = (n, k)
     from sfvideo.checkpoints import read_checkpoint
 
     use_ema = not args.no_ema and read_checkpoint(args.checkpoint).ema_state("model") is not None
     report = probe(args.checkpoint, num_eval=args.num_eval, steps=args.steps, use_ema=use_ema, seed=args.seed,
-                   sigmas=sigmas)
+                   sigmas=sigmas, check=check)
     print_report(report)
     if args.json:
         out = Path(args.json)
