@@ -115,7 +115,7 @@ class PromptDataModule(L.LightningDataModule):
         self.val_batches = val_batches
         self._batches_consumed = 0
         if batch_size <= 0:
-            raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
+            raise ValueError(f"--data.init_args.batch_size must be positive, got {batch_size}")
         for key, path in (("prompts_file", prompts_file), ("predict_prompts_file", predict_prompts_file)):
             if path is not None and Path(path).is_dir():
                 raise FileNotFoundError(f"--data.init_args.{key} {path} is a directory, not a file of prompts")

@@ -236,7 +236,6 @@ def network_size(source: str, key: str, config_file: str, fallback: TransformerS
     from pathlib import Path
 
     from sfvideo.errors import fail
-
     from sfvideo.training.networks import asset_path
 
     if source in FLAVORS:
