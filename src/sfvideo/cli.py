@@ -57,6 +57,8 @@ NOISE_WARNINGS = (
     r"The '\w+_dataloader' does not have many workers",
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     r"The dirpath has changed from",
+    r"Checkpoint directory .* exists and is not empty",  # resuming into the run's own folder
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
 )
 
 
