@@ -107,6 +107,16 @@ def test_export_of_the_run_names_what_it_exported_and_is_an_ordinary_folder(run,
     assert "is a file, not a folder" in error_of(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "file/e")])
 
 
+def test_export_of_what_is_not_a_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "random.ckpt").write_bytes(os.urandom(256))
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    for source, expected in (("random.ckpt", "random.ckpt is not a checkpoint"),
+                             ("cut.safetensors", "is not a Lightning checkpoint")):
+        text = error_of(["export", "--ckpt", str(tmp_path / source), "--out", str(tmp_path / "out")])
+        assert text.startswith("sfvideo export: error: ") and expected in text
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ 5, 6, 7: fit / validate errors
 @pytest.fixture
 def junk(tmp_path) -> Path:
@@ -142,6 +152,12 @@ def test_fit_error_is_one_line_naming_the_culprit(case, junk):
     text = error_of(["fit", "--config", DEBUG, "--trainer.default_root_dir", str(junk / "runs"), *extra])
     assert text.startswith("sfvideo fit: error: ") and expected.format(tmp=junk) in text
     assert not (junk / "runs").exists()  # nothing half-made
+
+
+def test_a_paper_config_without_its_weights_names_what_is_missing(tmp_path):
+    text = error_of(["fit", "--config", str(ROOT / "configs/dmd.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    assert text.startswith("sfvideo fit: error: ") and "Union subtypes" not in text
+    assert "checkpoints/Wan2.1-T2V" in text  # the first weights it needs (the text encoder's folder)
 
 
 def test_a_binary_config_is_one_line(junk):
