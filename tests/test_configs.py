@@ -56,13 +56,13 @@ def test_config_with_an_unknown_key_is_rejected(tmp_path):
          ("model.init_args.text_encoder", "model.init_args.teacher")),
     ],
 )
-def test_pieces_that_do_not_fit_are_one_line_errors_naming_both_keys(override, keys, capsys):
+def test_pieces_that_do_not_fit_are_one_line_errors_naming_both_keys(override, keys):
     # geometry.channels must equal the teacher's in_channels (and the codec's latent channels); the text
     # encoder's width must equal the teacher's text_dim. Checked when the module is built, before any network.
     from sfvideo.cli import main
 
     debug = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(debug), *override])
-    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and all(key in error[0] for key in keys), error
+    error = e.value.code
+    assert error.startswith("sfvideo fit: error: ") and "\n" not in error and all(key in error for key in keys), error

@@ -96,7 +96,7 @@ def test_generate_frame_wise_and_prompts_file(trained, tmp_path):
         ("empty_prompt", "empty"),
         ("bad_length", "multiple of the chunk size"),
         ("missing", "not found"),
-        ("unknown", "cannot read checkpoint"),
+        ("unknown", "is not a checkpoint"),
         ("not_sfvideo", "not a Lightning checkpoint"),
         ("mismatch", "do not match the architecture"),
         ("out_dir_missing", "does not exist"),

@@ -18,6 +18,7 @@ FORBIDDEN = {
     "geometry.py": (*LIGHTNING, "sfvideo."),
     "files.py": (*LIGHTNING, "sfvideo."),
     "seeding.py": (*LIGHTNING, "sfvideo."),
+    "errors.py": (*LIGHTNING, "sfvideo."),
     "nn": (*LIGHTNING, "sfvideo.diffusion", "sfvideo.losses", "sfvideo.config", "sfvideo.checkpoints",
            "sfvideo.inference", "sfvideo.toy", "sfvideo.metrics", *ABOVE_INFERENCE),
     "diffusion": (*LIGHTNING, "sfvideo.losses", "sfvideo.config", "sfvideo.checkpoints", "sfvideo.inference",

@@ -1022,7 +1022,9 @@ def print_table(results: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Benchmarks: print tables and write JSON.")
+    from sfvideo.errors import ArgParser
+
+    p = ArgParser(prog=PROG, description="Benchmarks: print tables and write JSON.")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="Streaming generation benchmarks (see sfvideo.bench).",
                        description=__doc__.split("\n\n")[0])

@@ -35,7 +35,7 @@ from torch import nn
 from sfvideo import config
 from sfvideo.config import InferenceSettings, parse_as
 from sfvideo.geometry import VideoGeometry
-from sfvideo.nn.checkpoint import CONFIG_NAME, CheckpointError
+from sfvideo.nn.checkpoint import CONFIG_NAME, CheckpointError, check_torch_file
 from sfvideo.nn.interfaces import TextEncoder, VideoCodec
 
 __all__ = [
@@ -273,6 +273,7 @@ def _build(
 def _torch_load(path: Path) -> Any:
     """A Lightning checkpoint: tensors and plain data first (``weights_only``), then as Lightning's resume does
     (hyper-parameters may hold dataclasses or callables)."""
+    check_torch_file(path)
     safe = [VideoGeometry, *(getattr(config, n) for n in config.__all__ if isinstance(getattr(config, n), type))]
     try:
         with torch.serialization.safe_globals(safe):

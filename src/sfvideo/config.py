@@ -127,6 +127,8 @@ class DMDConfig:
     """Upper clamp of the DMD / critic timestep (0-1000 scale)."""
 
     def __post_init__(self) -> None:
+        if self.guidance_scale < 0:
+            raise ValueError(f"dmd.guidance_scale must be >= 0 (0 = no guidance), got {self.guidance_scale}")
         if not 0 <= self.min_timestep < self.max_timestep <= 1000:
             raise ValueError(
                 f"dmd.min_timestep/dmd.max_timestep must satisfy 0 <= min < max <= 1000, got {self.min_timestep}, "
@@ -300,6 +302,8 @@ class ManyStepSampling:
     def __post_init__(self) -> None:
         if self.num_steps <= 0:
             raise ValueError(f"sampling.num_steps must be positive, got {self.num_steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"sampling.guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.solver not in ("euler", "unipc"):
             raise ValueError(f"sampling.solver must be 'euler' or 'unipc', got {self.solver!r}")
         FlowMatchSchedule(shift=self.shift)  # validates the shift

@@ -140,7 +140,7 @@ def _print_table(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="sfvideo demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sfvideo demo", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", default="lightning_logs/demo", help="folder for runs, exports, samples and metrics")
     p.add_argument("--ode_steps", type=int, default=None, help="ODE-initialisation steps (default: the config's)")
     p.add_argument(

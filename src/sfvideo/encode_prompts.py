@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 
 from sfvideo.nn.prompt_embeddings import precompute_prompt_embeddings
@@ -12,7 +10,9 @@ from sfvideo.nn.umt5 import UMT5TextEncoder
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``sfvideo encode-prompts``: precompute umT5 embeddings of a prompt file (plus the negative prompt)."""
-    p = argparse.ArgumentParser(prog="sfvideo encode-prompts", description=main.__doc__)
+    from sfvideo.errors import ArgParser, fail
+
+    p = ArgParser(prog="sfvideo encode-prompts", description=main.__doc__)
     p.add_argument("--model", required=True, help="diffusers Wan folder (text_encoder/ + tokenizer/) or hub id")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -27,6 +27,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         extra = [args.negative_prompt] if args.negative_prompt else []
         precompute_prompt_embeddings(encoder, args.prompts, args.out, args.batch_size, extra_prompts=extra)
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"sfvideo encode-prompts: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail("sfvideo encode-prompts", e)
     print(f"wrote {args.out}")

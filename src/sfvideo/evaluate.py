@@ -109,12 +109,13 @@ def generate_videos(name: str, checkpoint: Path, prompts: list[str], samples: in
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
+    from sfvideo.errors import json_parser
     from sfvideo.metrics.vbench.models import SUPPORTED_DIMENSIONS
     from sfvideo.metrics.vbench.score import CLIP_SECONDS, DEFAULT_GAPS
 
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
+    p = json_parser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options.")
     p.add_argument("videos", nargs="*", default=[], help="Folders of mp4s, one per model (NAME=FOLDER to name it).")
     g = p.add_argument_group("Generating the videos")

@@ -11,15 +11,13 @@ temporary folder and renamed, so an interrupted export never leaves a folder tha
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
+from sfvideo.errors import ArgParser, fail
 
-def _fail(msg: str) -> None:
-    print(f"sfvideo export: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+PROG = "sfvideo export"
 
 
 def export_checkpoint(
@@ -46,21 +44,39 @@ def export_checkpoint(
     return export_diffusers(model, out, overwrite=overwrite, extra_files=extra)
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """The output folder can be made: its parent is a writable folder, and it is new (or ``--overwrite``)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    up = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not up.is_dir():
+        fail(PROG, f"--out {out}: {up} is a file, not a folder")
+    if not os.access(up, os.W_OK | os.X_OK):
+        fail(PROG, f"--out {out}: folder {up} is not writable")
+    if out.exists() and not overwrite:
+        fail(PROG, f"--out {out} already exists (pass --overwrite to replace it)")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="sfvideo export", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of an sfvideo training module")
     p.add_argument("--out", required=True, help="output folder (diffusers format)")
     p.add_argument("--network", default=None, help="generator | critic | model (default: the trained student)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)
+    from sfvideo.checkpoints import RECORD_FILE
+
+    check_out(Path(args.out), args.overwrite)
     try:
         out = export_checkpoint(args.ckpt, args.out, network=args.network, ema=args.ema, overwrite=args.overwrite)
     except (FileNotFoundError, ValueError, FileExistsError) as e:
-        _fail(str(e).splitlines()[0])
-    from sfvideo.checkpoints import read_checkpoint
-
-    print(f"exported {read_checkpoint(out).network or 'the network'}{' (EMA)' if args.ema else ''} to {out}")
+        fail(PROG, e)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: nothing is left under --out
+        fail(PROG, f"--out {args.out}: {e.strerror or e}")
+    record_file = Path(out) / RECORD_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    what = f"{record.get('module', 'the module')}'s {record.get('network', 'network')}"
+    print(f"exported {what}{' (EMA)' if args.ema else ''} to {out}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Every file or folder sfvideo writes (checkpoints' exports, trajectories, prompt embeddings, videos, contact sheets,
 benchmark JSON) goes through :class:`AtomicFile` or :func:`atomic_folder`: the content is written under a hidden
-temporary name next to the target (``.<name>.<random>.partial``) and renamed onto it in one ``os.replace``, so the
+temporary name next to the target (``.<name>.<pid>-<random>.partial``) and renamed onto it in one ``os.replace``, so the
 target is either absent, the previous version, or complete. Temporaries honour the umask like ordinary files.
 
 Bottom layer: imports nothing from sfvideo.
@@ -19,11 +19,47 @@ from pathlib import Path
 from types import TracebackType
 
 PARTIAL_SUFFIX = ".partial"
-"""Suffix of every temporary file or folder (``.<name>.<random>.partial``)."""
+"""Suffix of every temporary file or folder (``.<name>.<pid>-<random>.partial``); :func:`clean_stale_partials`
+removes those of writers that were killed."""
 
 
 def _temporary_name(path: Path) -> Path:
-    return path.parent / f".{path.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+    # The writer's pid is in the name, so a later run can tell a killed writer's leftover from a live one's.
+    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``path`` left by writers that no longer run (a SIGKILLed ``generate``); returns
+    them. A temporary of a running process is kept."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    prefix = f".{path.name}."
+    for tmp in path.parent.iterdir():
+        name = tmp.name
+        if not (name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX)):
+            continue
+        token = name[len(prefix) : -len(PARTIAL_SUFFIX)]
+        pid = token.split("-", 1)[0]
+        if "-" in token and pid.isdigit() and _alive(int(pid)):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 class AtomicFile:
@@ -109,6 +145,8 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
         ValueError: a line is not UTF-8 (message names the file and line number), or there is no prompt.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"prompt file {path} is a directory, not a file of prompts")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
     prompts = []

@@ -53,9 +53,11 @@ class GenerateError(ValueError):
 
 # ------------------------------------------------------------------ the command line
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
+    from sfvideo.errors import json_parser
+
+    p = json_parser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options.")
     p.add_argument("checkpoint", type=str, help="Lightning .ckpt, export folder, diffusers folder, Wan or .pt file.")
     p.add_argument("--prompt", type=str | None, default=None, help="One prompt for the whole video.")
@@ -77,7 +79,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", type=str | None, default=None, help="float32/bfloat16/float16 (default: bf16 on CUDA).")
-    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--fps", type=int, default=16, help="Frame rate of the mp4 (positive).")
     p.add_argument("--contact_sheet", type=str | None, default=None,
                    help="PNG of frames over time (default: next to the mp4; 'none' to skip).")
     p.add_argument("--save_latents", type=str | None, default=None, help="Also save the latents (.pt).")
@@ -97,27 +99,61 @@ def build_parser():
     return p
 
 
+FLAG_OF_GROUP = {"FlowMatchSchedule.": "--schedule.", "schedule.": "--schedule.", "VideoGeometry.": "--geometry.",
+                 "sampling.": "--sampling."}
+"""Groups' own names in their validation messages -> the flags of this command."""
+
+
+def flag_message(message: str) -> str:
+    """A settings group's validation message in terms of this command's flags."""
+    for prefix, flag in FLAG_OF_GROUP.items():
+        if message.startswith(prefix):
+            return flag + message[len(prefix):]
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point of ``sfvideo generate``. Returns the statistics (also printed)."""
+    from sfvideo.errors import fail, nested_error_line
+
     parser = build_parser()
-    args = parser.instantiate(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    config = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parser.instantiate(config)  # builds the settings groups and classes: their validation runs here
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        fail(PROG, flag_message(nested_error_line(str(e))))
     try:
         return run(args)
     except GenerateError as e:
-        raise SystemExit(f"{PROG}: error: {e}") from None
+        fail(PROG, e)
 
 
 # ------------------------------------------------------------------ checks and set-up
-def check_output(path: Path, suffix: str = ".mp4") -> None:
-    if path.suffix.lower() != suffix:
-        raise GenerateError(f"--output {path}: expected a {suffix} file name")
+def check_output(path: Path, suffix: str | None = ".mp4", flag: str = "--output") -> None:
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise GenerateError(f"{flag} {path}: expected a {suffix} file name")
     if path.is_dir():
-        raise GenerateError(f"--output {path} is a directory")
+        raise GenerateError(f"{flag} {path} is a directory")
     parent = path.parent if str(path.parent) else Path(".")
+    up = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if up is not None and not up.is_dir():
+        raise GenerateError(f"{flag} {path}: {up} is a file, not a folder")
     if not parent.is_dir():
-        raise GenerateError(f"--output {path}: folder {parent} does not exist")
+        raise GenerateError(f"{flag} {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise GenerateError(f"--output {path}: not writable")
+        raise GenerateError(f"{flag} {path}: not writable")
+
+
+def check_numbers(args: Any) -> None:
+    """Counts and rates must be positive (0 is not "the default": leave a flag out for that)."""
+    for name in ("num_frames", "frames_per_chunk", "window_frames", "fps"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise GenerateError(f"--{name} must be positive, got {value}")
+    if args.sink_frames < 0:
+        raise GenerateError(f"--sink_frames must be >= 0, got {args.sink_frames}")
+    if args.context_noise is not None and args.context_noise < 0:
+        raise GenerateError(f"--context_noise must be >= 0, got {args.context_noise}")
 
 
 def check_prompt_flags(args: Any) -> None:
@@ -127,6 +163,8 @@ def check_prompt_flags(args: Any) -> None:
         raise GenerateError("give exactly one of --prompt, --prompt_schedule, --prompts_file")
     if args.prompt is not None and not args.prompt.strip():
         raise GenerateError("--prompt is empty")
+    if args.prompts_file is not None and Path(args.prompts_file).is_dir():
+        raise GenerateError(f"--prompts_file {args.prompts_file} is a directory, not a file of prompts")
     if args.prompts_file is not None and not Path(args.prompts_file).is_file():
         raise GenerateError(f"--prompts_file not found: {args.prompts_file}")
 
@@ -291,12 +329,23 @@ def report(console: Any, result: dict[str, Any], stats: Any, written: Written, s
 def run(args: Any) -> dict[str, Any]:
     from rich.console import Console
 
+    from sfvideo.files import clean_stale_partials
     from sfvideo.video import save_contact_sheet
 
     console = Console(stderr=True, quiet=args.quiet)
     out = Path(args.output)
     check_output(out)
+    sheet_path = None
+    if args.contact_sheet != "none":
+        sheet_path = Path(args.contact_sheet) if args.contact_sheet else out.with_suffix(".png")
+        check_output(sheet_path, None, "--contact_sheet")
+    if args.save_latents:
+        check_output(Path(args.save_latents), None, "--save_latents")
+    check_numbers(args)
     check_prompt_flags(args)
+    for target in (out, sheet_path, args.save_latents):
+        if target is not None:
+            clean_stale_partials(target)  # what a killed run to the same path left
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     source = load_source(args, device, dtype)
@@ -325,8 +374,8 @@ def run(args: Any) -> dict[str, Any]:
         with AtomicFile(args.save_latents) as tmp:
             torch.save(torch.cat(written.latents, 1), tmp)
     sheet = None
-    if written.output is not None and args.contact_sheet != "none" and written.sheet_frames:
-        sheet = Path(args.contact_sheet) if args.contact_sheet else out.with_suffix(".png")
+    if written.output is not None and sheet_path is not None and written.sheet_frames:
+        sheet = sheet_path
         save_contact_sheet(sheet, torch.stack(written.sheet_frames, 0), columns=8)
     stats = session.stats
     result = {
@@ -339,7 +388,9 @@ def run(args: Any) -> dict[str, Any]:
     }
     report(console, result, stats, written, sheet)
     if written.interrupted:
-        raise SystemExit(130)
+        from sfvideo.errors import EXIT_INTERRUPTED
+
+        raise SystemExit(EXIT_INTERRUPTED)
     return result
 
 

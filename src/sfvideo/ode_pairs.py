@@ -36,9 +36,11 @@ class OdePairsError(ValueError):
 
 def build_parser():
     import lightning as L
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
+    from sfvideo.errors import json_parser
+
+    p = json_parser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="The ODEInit fit config (configs/ode.yaml).")
     p.add_argument("--model", type=L.LightningModule | None, default=None,
                    help="The config's ODEInit module (teacher, ode, schedule, ...).")

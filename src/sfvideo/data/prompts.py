@@ -9,6 +9,7 @@ takes every world_size-th index of one shared permutation per epoch, so ranks ne
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -114,7 +115,12 @@ class PromptDataModule(L.LightningDataModule):
         self.val_batches = val_batches
         self._batches_consumed = 0
         if batch_size <= 0:
-            raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
+            raise ValueError(f"--data.init_args.batch_size must be positive, got {batch_size}")
+        for key, path in (("prompts_file", prompts_file), ("predict_prompts_file", predict_prompts_file)):
+            if path is not None and Path(path).is_dir():
+                raise FileNotFoundError(f"--data.init_args.{key} {path} is a directory, not a file of prompts")
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"--data.init_args.{key} {path}: no such file")
 
     def _prompts(self) -> list[str]:
         if self.prompts_file is not None:

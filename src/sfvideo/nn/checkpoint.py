@@ -93,10 +93,27 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+"""First bytes of a ``torch.save`` file: a zip archive (the default) or a legacy pickle."""
+
+
+def check_torch_file(path: Path) -> None:
+    """Raise a one-line ``CheckpointError`` when ``path`` is not a ``torch.save`` file (a random or text file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    if not head.startswith(TORCH_FILE_MAGIC):
+        raise CheckpointError(f"{path} is not a checkpoint: neither a torch.save file nor safetensors")
+
+
 def _load_file(path: Path) -> dict[str, Any]:
     """Read one ``.safetensors`` or torch pickle (``.pt``/``.pth``/``.bin``/``.ckpt``) file onto the CPU."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix != ".safetensors":
+        check_torch_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -39,11 +39,12 @@ def _fail(message: str) -> None:
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
+    from sfvideo.errors import json_parser
     from sfvideo.serve.session import add_generator_arguments
 
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
+    p = json_parser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=True)
     p.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options.")
     p.add_argument("--generator", type=str | None, default=None,
                    help="Lightning .ckpt, export folder, or bare weights (default: the bundled toy generator).")

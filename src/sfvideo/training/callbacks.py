@@ -1,4 +1,5 @@
-"""Callbacks: periodic evaluation of the generator on a fixed prompt set, with samples people can look at."""
+"""Callbacks: periodic evaluation of the generator on a fixed prompt set, with samples people can look at; the
+progress bar of the distillation modules in generator steps."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from sfvideo.metrics.vbench.models import VBenchModelPaths
 
@@ -113,3 +115,34 @@ class SampleEvaluator(L.Callback):
         from sfvideo.metrics.vbench.training import log_sample_videos
 
         log_sample_videos(trainer, video)
+
+
+class GeneratorStepProgressBar(RichProgressBar):
+    """The training bar of the distillation modules in generator updates: ``generator steps 3/10`` against the
+    run's limit (``--trainer.max_steps`` / ``max_generator_steps``, see ``Distillation.generator_step_limit``),
+    instead of batches against Lightning's ``global_step`` (which counts both networks' updates) and an epoch
+    count. ``sfvideo fit`` uses it in place of Lightning's default bar for these modules."""
+
+    def _limit(self) -> int | None:
+        return getattr(self.trainer.lightning_module, "generator_step_limit", None)
+
+    @property
+    def total_train_batches(self) -> int | float:  # noqa: D102
+        limit = self._limit()
+        return float("inf") if limit is None else limit
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "generator steps"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if self.train_progress_bar_id is None:  # one bar for the whole run, not one per pass over the data
+            super().on_train_epoch_start(trainer, pl_module)
+            self._update(self.train_progress_bar_id, getattr(pl_module, "generator_steps", 0))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # noqa: D102
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, getattr(pl_module, "generator_steps", 0))
+        self._update_metrics(trainer, pl_module)
+        self.refresh()

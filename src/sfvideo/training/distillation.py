@@ -130,8 +130,9 @@ class Distillation(TrainingModule):
         generator_optimizer / critic_optimizer: optimizer factories (defaults: the official AdamW settings of the
             14B-teacher DMD recipe).
         ema: EMA of the generator; ``ema.start_step`` counts trainer iterations (critic updates), as officially.
-        max_generator_steps: stop after this many generator updates (Lightning's ``max_steps`` counts every
-            optimizer step of both networks).
+        max_generator_steps: stop after this many generator updates (>= 1; unset: no limit). ``--trainer.max_steps``
+            counts generator updates too for these modules (Lightning's ``global_step`` counts both networks'
+            optimizer steps); the smaller limit applies.
         gradient_checkpointing: activation checkpointing per transformer block for generator and critic.
         teacher_dtype: precision the frozen teacher is held in (no fp32 master weights needed).
         seed: seed of shared decisions and of noise.
@@ -184,6 +185,9 @@ class Distillation(TrainingModule):
     # ------------------------------------------------------------------ set-up
     def _validate(self) -> None:
         g, r = self.geometry, self.rollout_config
+        steps = self.hparams.max_generator_steps
+        if steps is not None and steps < 1:
+            raise ValueError(f"--model.init_args.max_generator_steps must be >= 1 (unset: no limit), got {steps}")
         if r.rollout_frames is not None and (r.rollout_frames < g.num_frames or r.rollout_frames % g.frames_per_chunk):
             raise ValueError(
                 f"--model.init_args.rollout.rollout_frames={r.rollout_frames} must be >= geometry.num_frames="
@@ -435,10 +439,27 @@ class Distillation(TrainingModule):
         self.log_dict({k: v for k, v in logs.items() if k not in progress}, on_step=True, batch_size=1)
         self.log_dict({k: v for k, v in logs.items() if k in progress}, prog_bar=True, on_step=True, batch_size=1)
 
+    @property
+    def generator_step_limit(self) -> int | None:
+        """Generator updates this run stops after: the smaller of ``max_generator_steps`` and
+        ``--trainer.max_steps`` (which these modules count in generator updates); None = no limit."""
+        limits = [n for n in (self.hparams.max_generator_steps, self._trainer_max_steps) if n is not None]
+        return min(limits) if limits else None
+
+    _trainer_max_steps: int | None = None
+
+    def on_fit_start(self) -> None:
+        # Lightning's global_step counts every optimizer step of both networks (1 + N per generator update), so
+        # --trainer.max_steps would stop mid-way; take it over as a limit in generator updates.
+        loop = self.trainer.fit_loop.epoch_loop
+        if loop.max_steps > 0:
+            self._trainer_max_steps = loop.max_steps
+            loop.max_steps = -1
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        max_steps = self.hparams.max_generator_steps
-        if max_steps is not None and self.generator_steps >= max_steps:
-            # Stop on generator steps, not on Lightning's global_step (which counts both optimizers).
+        limit = self.generator_step_limit
+        if limit is not None and self.generator_steps >= limit:
+            # Stop on generator steps, at the end of a whole generator:critic cycle.
             if self.critic_steps % self.optim.critic_updates_per_generator_update == 0:
                 self.trainer.should_stop = True
 

@@ -39,7 +39,6 @@ as in the official recipe). ``P`` is a parameter count, ``N`` the number of GPUs
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -227,12 +226,91 @@ def format_table(setups: Iterable[Setup], capacity_gb: float = 80.0) -> str:
     return "\n".join(lines)
 
 
+PROG = "sfvideo memory"
+
+
+def network_size(source: str, key: str, config_file: str, fallback: TransformerSize | None = None) -> TransformerSize:
+    """The size of a network named in a training config: a flavor (``1.3B``, ``14B``, ``debug``, ...), a model
+    folder with ``config.json``, or a path naming a Wan size (``.../Wan2.1-T2V-14B-Diffusers/transformer``)."""
+    import json
+    from pathlib import Path
+
+    from sfvideo.errors import fail
+    from sfvideo.training.networks import asset_path
+
+    if source in FLAVORS:
+        return TransformerSize.from_config(source, FLAVORS[source])
+    folder = asset_path(source) or Path(source)
+    if (folder / "config.json").is_file():
+        try:
+            return TransformerSize.from_config(folder.name, json.loads((folder / "config.json").read_text()))
+        except (ValueError, KeyError) as e:
+            fail(PROG, f"--config {config_file}: {key} {source}: config.json is not a Wan transformer config ({e})")
+    for name in sorted(SIZES, key=len, reverse=True):
+        if f"-{name}" in source or source.endswith(name):
+            return SIZES[name]
+    if fallback is not None:  # a weights file (an ODE-initialised .pt) keeps the architecture it starts from
+        return fallback
+    fail(PROG, f"--config {config_file}: {key} {source!r} is neither a flavor ({', '.join(FLAVORS)}), a model "
+               "folder with config.json, nor a path naming a Wan size (1.3B, 14B)")
+
+
+def setups_of_config(path: str, gpu_counts: Sequence[int]) -> tuple[list[Setup], TransformerSize, VideoGeometry]:
+    """The setups to size for a training config: its teacher, generator and critic, its geometry and
+    activation checkpointing, under every strategy and GPU count."""
+    import yaml
+
+    from sfvideo.errors import fail
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8"))
+    except FileNotFoundError:
+        fail(PROG, f"--config {path}: no such file")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        fail(PROG, f"--config {path}: not a YAML config ({type(e).__name__})")
+    init = ((data or {}).get("model") or {}).get("init_args") if isinstance(data, dict) else None
+    if not isinstance(init, dict) or "teacher" not in init:
+        fail(PROG, f"--config {path}: no model.init_args.teacher (a distillation config, e.g. configs/dmd.yaml)")
+    teacher = network_size(str(init["teacher"]), "model.init_args.teacher", path)
+    critic = network_size(str(init["critic_init"]), "model.init_args.critic_init", path) \
+        if init.get("critic_init") else teacher
+    # The generator is trained against the critic: a file it starts from has the critic's size (the official
+    # recipes: an ODE-initialised 1.3B generator, a 1.3B critic).
+    generator = network_size(str(init["generator_init"]), "model.init_args.generator_init", path, fallback=critic) \
+        if init.get("generator_init") else teacher
+    try:
+        geometry = VideoGeometry(**(init.get("geometry") or {}))
+    except (TypeError, ValueError) as e:
+        fail(PROG, f"--config {path}: model.init_args.geometry: {e}")
+    checkpointing = bool(init.get("gradient_checkpointing", False))
+    setups = [Setup(strategy, n, generator, critic, teacher, geometry, checkpointing)
+              for strategy in STRATEGIES for n in gpu_counts]
+    return setups, teacher, geometry
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Per-GPU memory plan (GB = 1e9 bytes) for Self Forcing DMD.")
-    parser.add_argument("--capacity-gb", type=float, default=80.0, help="usable memory per GPU")
-    parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64], help="GPU counts for the table")
+    from sfvideo.errors import ArgParser, fail
+
+    parser = ArgParser(prog=PROG, description="Per-GPU memory plan (GB = 1e9 bytes) for Self Forcing DMD.")
+    parser.add_argument("--config", default=None,
+                        help="a distillation config (configs/dmd.yaml): size its teacher, generator, critic, geometry "
+                             "and activation checkpointing instead of the Wan2.1 1.3B/14B table")
+    parser.add_argument("--capacity_gb", type=float, default=80.0, help="usable memory per GPU (GB, positive)")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64], help="GPU counts for the table (positive)")
     parser.add_argument("--teachers", nargs="+", default=["1.3B", "14B"], choices=sorted(SIZES))
     args = parser.parse_args(argv)
+    if args.capacity_gb <= 0:
+        fail(PROG, f"--capacity_gb must be positive, got {args.capacity_gb:g}")
+    bad = [n for n in args.gpus if n < 1]
+    if bad:
+        fail(PROG, f"--gpus must be positive GPU counts, got {' '.join(map(str, args.gpus))}")
+    if args.config is not None:
+        setups, teacher, geometry = setups_of_config(args.config, args.gpus)
+        print(f"{args.config}: teacher {teacher.name}, generator {setups[0].generator.name}, critic "
+              f"{setups[0].critic.name}; clip {geometry.num_frames} latent frames x {geometry.tokens_per_frame} "
+              f"tokens, chunks of {geometry.frames_per_chunk}; batch 1 per GPU; GB per GPU")
+        print(format_table(setups, args.capacity_gb))
+        return
     generator = critic = SIZES["1.3B"]
     geometry = VideoGeometry()
     print(
