@@ -17,7 +17,8 @@ def test_accumulation_slope_and_gap():
     curves[:, 0] = float("nan")  # an undefined frame (a step metric) is ignored
     acc = accumulation(curves, 3, torch.Generator().manual_seed(0), 50, 0.95)
     assert acc["slope"] == pytest.approx(-0.1)
-    assert acc["gap"] == pytest.approx((0.3 + 0.4 + 0.5) / 3 * -1 - (-0.15), abs=1e-9)  # last 3 minus frames 1, 2
+    # Last 3 frames (6, 7, 8: mean at 7) minus the defined first ones (1, 2: mean at 1.5).
+    assert acc["gap"] == pytest.approx(-0.1 * (7 - 1.5))
     assert acc["slope_ci"]["low"] <= acc["slope"] <= acc["slope_ci"]["high"]
     assert len(acc["curve"]) == len(acc["curve_low"]) == 9
 
