@@ -31,7 +31,7 @@ def test_bootstrap_mean_and_snapshot_steps():
 
 def test_config_errors_are_one_line():
     base = dict(generator_updates=1, batch_size=1, ode_steps=1, num_prompts=1, seeds=(0,), extrapolation_factors=(2,),
-                extrapolation_prompts=1, snapshots=1, snapshot_prompts=1, num_bootstrap=1, num_subsets=1, gap_frames=1)
+                extrapolation_prompts=1, snapshots=1, num_bootstrap=1, num_subsets=1, gap_frames=1)
     with pytest.raises(ValueError, match="unknown paradigms"):
         ReproduceConfig(**base, paradigms=("nope",))
     with pytest.raises(ValueError, match="not a multiple of every chunk size"):

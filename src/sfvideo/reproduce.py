@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,9 +114,8 @@ class ReproduceConfig:
     extrapolation_prompts: int
     """Training prompts of the extrapolation (first seed only)."""
     snapshots: int
-    """Checkpoints along training evaluated for metric vs wall-clock (Figure 6 right; the last is the final one)."""
-    snapshot_prompts: int
-    """Training prompts of each snapshot's evaluation (first seed)."""
+    """Points of metric vs wall-clock (Figure 6 right): checkpoints at evenly spaced generator updates, the last
+    being the final model; each scored on the training prompts of the evaluation with the first seed."""
     num_bootstrap: int
     """Bootstrap resamples of the per-video intervals."""
     num_subsets: int
@@ -150,7 +149,7 @@ class ReproduceConfig:
 
     def __post_init__(self) -> None:
         for name in ("generator_updates", "batch_size", "ode_steps", "num_prompts", "extrapolation_prompts",
-                     "snapshots", "snapshot_prompts", "gap_frames"):
+                     "snapshots", "gap_frames"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"reproduce: {name} must be positive, got {getattr(self, name)}")
         unknown = [p for p in self.paradigms if p not in PARADIGMS]
@@ -295,8 +294,9 @@ def train_stage(
     clock_path = out / "clocks" / f"{name}.json"
     total = cfg.ode_steps if paradigm.kind == "ode" else cfg.generator_updates
     clock = {"path": str(clock_path)}
-    if paradigm.kind != "ode":
-        clock.update(snapshot_steps=snapshot_steps(total, cfg.snapshots), snapshot_dir=str(out / "snapshots" / name))
+    if paradigm.kind != "ode":  # the final point is the final model, evaluated anyway
+        steps = [s for s in snapshot_steps(total, cfg.snapshots) if s < total]
+        clock.update(snapshot_steps=steps, snapshot_dir=str(out / "snapshots" / name))
     extra = ["--trainer.callbacks", _callbacks(config_file, clock),
              "--model.init_args.geometry.frames_per_chunk", str(fpc)]
     if not cfg.progress:
@@ -395,8 +395,6 @@ class Evaluator:
         self.real = {s: real_toy_features(p * len(cfg.seeds), self.features, world) for s, p in self.splits.items()}
         self.extra_prompts = toy_eval_prompts(cfg.extrapolation_prompts, cfg.seeds[0])["train"]
         self.extra_real = real_toy_features(self.extra_prompts, self.features, world)
-        self.snap_prompts = toy_eval_prompts(cfg.snapshot_prompts, cfg.seeds[0])["train"]
-        self.snap_real = real_toy_features(self.snap_prompts, self.features, world)
 
     def _g(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seeds[0] * 1_000_003 + salt)
@@ -472,12 +470,16 @@ class Evaluator:
         return res
 
     def snapshot(self, path: str | Path, sampling_steps: int | None) -> dict[str, float]:
-        """FD/real and the exact metrics of a training snapshot on the snapshot prompts (no intervals)."""
+        """FD/real and the exact metrics of a training snapshot: the training prompts, first seed (no intervals),
+        as ``horizon(...)["train"]["per_seed"][0]`` scores the final model."""
         from sfvideo.evaluation import evaluate_toy_engine
 
         engine, ema = _engine(path, sampling_steps)
-        scores, _ = evaluate_toy_engine(engine, self.snap_prompts, seed=self.cfg.seeds[0], features=self.features,
-                                        real=self.snap_real)
+        prompts = self.splits["train"]
+        real, ref = self.real["train"]
+        n = len(prompts)
+        scores, _ = evaluate_toy_engine(engine, prompts, seed=self.cfg.seeds[0], features=self.features,
+                                        real=(real[:n], ref[:n]))
         return {**scores, "ema": ema}
 
 
@@ -592,7 +594,7 @@ def plot_figure6(report: dict[str, Any], path: Path) -> None:
                 axes[2].plot([c["seconds"] for c in curve], [c["fd_ratio"] for c in curve], style, marker="o",
                              ms=3, label=f"{label}, {_chunking(int(fpc))}")
     axes[2].set_xlabel("training wall-clock (s)")
-    axes[2].set_ylabel("FD/real (training prompts)")
+    axes[2].set_ylabel("FD/real (training prompts, first seed)")
     axes[2].legend(fontsize=6)
     fig.suptitle("Figure 6 at toy scale: cost per update and peak memory (left), quality vs training time (right)")
     fig.tight_layout()
@@ -640,7 +642,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             cells = []
             for m in report["curve_metrics"]:
                 a = acc[m]
-                cells += [_fmt(a.get("slope_ci") or {"mean": a["slope"]}, 4), _fmt(a.get("gap_ci") or {"mean": a["gap"]})]
+                cells += [_fmt(a.get("slope_ci") or {"mean": a["slope"]}, 4),
+                          _fmt(a.get("gap_ci") or {"mean": a["gap"]})]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", f"![error accumulation](accumulation_f{fpc}.png)", ""]
         lines += [f"## Extrapolation with the rolling KV cache, {chunking}", "",
@@ -678,7 +681,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}, {gpu}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch threads {threads}, {gpu}, torch {torch.__version__}"
 
 
 def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[str, Any]:
@@ -702,7 +706,7 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
     report: dict[str, Any] = {
         "status": status,
         "command": command,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(),
         "teacher": str(teacher),
         "clip_frames": clip_frames,
@@ -730,8 +734,12 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
                                      "ema": ema, "training": clock, "stage_seconds": trained["stage_seconds"]}
             entry["horizon"] = evaluator.horizon(engine)
             entry["extrapolation"] = evaluator.extrapolate(engine, clip_frames, fpc)
-            entry["wallclock"] = [{"generator_steps": s["generator_steps"], "seconds": s["seconds"],
-                                   **evaluator.snapshot(s["path"], cfg.sampling_steps)} for s in clock["snapshots"]]
+            if paradigm.kind != "ode":
+                entry["wallclock"] = [
+                    {"generator_steps": s["generator_steps"], "seconds": s["seconds"],
+                     **evaluator.snapshot(s["path"], cfg.sampling_steps)} for s in clock["snapshots"]
+                ] + [{"generator_steps": clock["generator_updates"], "seconds": clock["train_seconds"], "ema": ema,
+                      **entry["horizon"]["train"]["per_seed"][0]}]
             results[paradigm.label] = entry
         report["results"][str(fpc)] = results
         plot_accumulation(results, fpc, out / f"accumulation_f{fpc}.png", tuple(report["curve_metrics"]))

@@ -373,8 +373,9 @@ def distance_report(
     so a ratio means nothing). Intervals (``*_low``, ``*_high``) come from :func:`half_sample_interval` over
     ``num_subsets`` random halves of each set, drawn **without replacement**: resampling with replacement duplicates
     rows, which inflates a Fréchet distance (fewer distinct rows: more estimation noise, which adds to it) and the
-    unbiased KD (a row paired with its own copy counts as two distinct samples), so such intervals need not even contain their own estimate. On
-    each subset the three sets are halved independently and the floor uses the same real half as the distance.
+    unbiased KD (a row paired with its own copy counts as two distinct samples), so such intervals need not even
+    contain their own estimate. On each subset the three sets are halved independently and the floor uses the same
+    real half as the distance.
 
     Args:
         feats_gen: ``(N, D)`` features of generated videos.
