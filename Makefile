@@ -12,7 +12,7 @@ export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install browser test demo smoke lint bench clean
+.PHONY: install browser test demo reproduce smoke lint bench clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test: install browser
 # run Self Forcing with DMD, generate sample videos and print metrics for generator and teacher.
 demo: install
 	$(VENV)/bin/sfvideo demo
+
+# Table 2 and Figure 6 of the paper at toy scale: every paradigm at one budget, chunk- and frame-wise (<= 90 min on
+# 2 CPU cores; docs/reproduction.md). Report, plots and JSON in lightning_logs/reproduce/.
+reproduce: install
+	$(VENV)/bin/sfvideo reproduce --out lightning_logs/reproduce
 
 smoke: install
 	$(VENV)/bin/sfvideo fit --config configs/toy/dmd.yaml --trainer.max_steps 2

@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sfvideo"
 
 LIGHTNING = ("lightning", "pytorch_lightning")
 COMMANDS = ("sfvideo.cli", "sfvideo.generate", "sfvideo.bench", "sfvideo.export", "sfvideo.demo",
-            "sfvideo.encode_prompts", "sfvideo.ode_pairs")
+            "sfvideo.encode_prompts", "sfvideo.ode_pairs", "sfvideo.reproduce")
 ABOVE_INFERENCE = ("sfvideo.training", "sfvideo.data", *COMMANDS)
 
 # layer -> imports it must not make

@@ -308,6 +308,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "curves": (_lazy("sfvideo.curves"), "Training curves of a run as a PNG and a CSV."),
     "probe-teacher": (_lazy("sfvideo.probe_teacher"), "How far a toy-world teacher has learned its world."),
     "demo": (_lazy("sfvideo.demo"), "The embedded toy-world job: teacher -> Self Forcing -> samples -> metrics."),
+    "reproduce": (_lazy("sfvideo.reproduce"), "Table 2 and Figure 6 of the paper at toy scale, every paradigm."),
 }
 
 

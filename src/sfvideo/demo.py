@@ -25,7 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _config(name: str) -> str:
+def config_path(name: str) -> str:
     for root in (Path.cwd(), REPO):
         path = root / "configs" / "toy" / name
         if path.is_file():
@@ -33,7 +33,7 @@ def _config(name: str) -> str:
     raise FileNotFoundError(f"configs/toy/{name} not found (run the demo from the repository root)")
 
 
-def _fit(config: str, save_dir: Path, name: str, *extra: str) -> Path:
+def fit_stage(config: str, save_dir: Path, name: str, *extra: str) -> Path:
     """Run ``sfvideo fit`` and return the run's last checkpoint."""
     from sfvideo.cli import main as cli
 
@@ -55,7 +55,7 @@ def _fit(config: str, save_dir: Path, name: str, *extra: str) -> Path:
     return runs[-1]
 
 
-def _banner(text: str) -> None:
+def banner(text: str) -> None:
     from rich.console import Console
 
     Console().rule(f"[bold]{text}")
@@ -166,18 +166,20 @@ def main(argv: list[str] | None = None) -> None:
         )
     start = time.perf_counter()
 
-    _banner("1/3  ODE initialisation of the causal generator")
+    banner("1/3  ODE initialisation of the causal generator")
     extra = ["--trainer.max_steps", str(args.ode_steps)] if args.ode_steps else []
-    ode_ckpt = _fit(_config("ode.yaml"), out, "ode", *extra)
+    ode_ckpt = fit_stage(config_path("ode.yaml"), out, "ode", *extra)
     ode_dir = export_checkpoint(ode_ckpt, out / "exports" / "ode_init", overwrite=True)
 
-    _banner("2/3  Self Forcing with DMD")
+    banner("2/3  Self Forcing with DMD")
     extra = ["--model.init_args.max_generator_steps", str(args.generator_steps)] if args.generator_steps else []
-    sf_ckpt = _fit(_config("dmd.yaml"), out, "self_forcing", "--model.init_args.generator_init", str(ode_dir), *extra)
+    sf_ckpt = fit_stage(
+        config_path("dmd.yaml"), out, "self_forcing", "--model.init_args.generator_init", str(ode_dir), *extra
+    )
     has_ema = read_checkpoint(sf_ckpt).ema_state("generator") is not None
     sf_dir = export_checkpoint(sf_ckpt, out / "exports" / "self_forcing", ema=has_ema, overwrite=True)
 
-    _banner("3/3  Samples and metrics")
+    banner("3/3  Samples and metrics")
     results = _evaluate(
         out,
         teacher,

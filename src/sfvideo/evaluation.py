@@ -25,7 +25,7 @@ def score_toy_videos(
     feature-space Fréchet distance ratio to real-vs-real (see ``sfvideo.toy.features``)."""
     from sfvideo.metrics.toy import ToyVideoMetrics
 
-    metric = ToyVideoMetrics(world=world) if world is not None else ToyVideoMetrics()
+    metric = ToyVideoMetrics(world=world, num_frames=videos.shape[1])  # curves of any length
     metric.update(videos.float().cpu(), list(prompts))
     scores = {k: v for k, v in metric.compute().items()}
     if reference is not None and features is not None:
@@ -45,15 +45,18 @@ def toy_eval_prompts(num: int, seed: int) -> dict[str, list[str]]:
     return out
 
 
-def real_toy_features(prompts: Sequence[str], features: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def real_toy_features(
+    prompts: Sequence[str], features: Any, world: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of two independent real sets for ``prompts`` (scene seeds 10000+i and 20000+i): the reference of
-    the FD and the real-vs-real floor."""
-    from sfvideo.toy.world import render_batch
+    the FD and the real-vs-real floor. ``world``: a ``toy.world.ToyWorldConfig`` (default: the default world)."""
+    from sfvideo.toy.world import ToyWorldConfig, render_batch
 
     n = len(prompts)
+    world = world or ToyWorldConfig()
     with torch.no_grad():
-        real = features.features(render_batch(list(prompts), [10_000 + i for i in range(n)]))
-        ref = features.features(render_batch(list(prompts), [20_000 + i for i in range(n)]))
+        real = features.features(render_batch(list(prompts), [10_000 + i for i in range(n)], world))
+        ref = features.features(render_batch(list(prompts), [20_000 + i for i in range(n)], world))
     return real, ref
 
 

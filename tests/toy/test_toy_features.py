@@ -7,9 +7,9 @@ from sfvideo.toy.features import (
     DEFAULT_CHECKPOINT,
     ToyFeatureDistance,
     ToyFeatureEncoder,
-    bootstrap_ci,
     distance_report,
     frechet_distance,
+    half_sample_interval,
     kernel_distance,
     load_feature_encoder,
     save_feature_encoder,
@@ -53,16 +53,67 @@ def test_kernel_distance_matches_brute_force():
     assert abs(float(kernel_distance(big[:200], big[200:]))) < 0.05  # unbiased: ~0 for one distribution
 
 
-def test_bootstrap_and_report():
+def test_report_intervals_contain_their_estimates_and_kd_is_a_difference():
     g = torch.Generator().manual_seed(2)
     real_a, real_b = torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g)
     fake = torch.randn(64, 4, generator=g) + 1.0
-    lo, hi = bootstrap_ci(frechet_distance, fake, real_a, torch.Generator().manual_seed(0), num_samples=50)
+    rep = distance_report(fake, real_a, real_b, num_subsets=40)
     value = float(frechet_distance(fake, real_a))
-    assert lo <= value <= hi
-    rep = distance_report(fake, real_a, real_b, num_bootstrap=20)
-    assert rep["fd_ratio"] > 5 and rep["fd"] == pytest.approx(value)
-    assert {"fd_low", "fd_high", "kd", "kd_real", "kd_low", "kd_high", "kd_ratio"} <= set(rep)
+    assert rep["fd"] == pytest.approx(value) and rep["fd_ratio"] > 5
+    for name in ("fd", "fd_ratio", "kd", "kd_diff"):
+        assert rep[f"{name}_low"] <= rep[name] <= rep[f"{name}_high"], name
+    assert rep["kd_diff"] == pytest.approx(rep["kd"] - rep["kd_real"])
+    assert "kd_ratio" not in rep
+    # Two real sets: the unbiased KD floor can be negative; the difference is still a number, near 0.
+    same = distance_report(real_b, real_a, torch.randn(64, 4, generator=g), num_subsets=40)
+    assert all(v == v for v in same.values())  # no NaN
+    assert same["kd_diff_low"] <= 0.0 <= same["kd_diff_high"] or abs(same["kd_diff"]) < 0.05
+    # Too few rows for halves: values without intervals.
+    small = distance_report(fake[:3], real_a[:3], real_b[:3])
+    assert "fd_low" not in small and small["fd"] > 0
+
+
+def test_subsets_are_drawn_without_replacement(monkeypatch):
+    """Every subset of the intervals holds distinct rows (duplicates bias both distances upward)."""
+    import sfvideo.toy.features as features
+
+    seen = []
+
+    def spy(a, b):
+        seen.append((a, b))
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(features, "frechet_distance", spy)
+    monkeypatch.setattr(features, "kernel_distance", spy)
+    rows = torch.arange(40.0).view(20, 2)
+    features.distance_report(rows, rows + 100, rows + 200, num_subsets=5)
+    assert len(seen) == 4 + 5 * 4
+    for a, b in seen[4:]:
+        for x in (a, b):
+            assert len(x) == 10 and len(torch.unique(x[:, 0])) == len(x)
+
+
+def test_half_sample_interval_is_centred_on_the_estimate():
+    lo, hi = half_sample_interval(10.0, torch.tensor([12.0, 13.0, 14.0, 15.0, 16.0]), level=1.0)
+    assert (lo, hi) == (pytest.approx(8.0), pytest.approx(12.0))
+    with pytest.raises(ValueError, match="no subset values"):
+        half_sample_interval(1.0, torch.tensor([]))
+
+
+def test_half_sample_spread_matches_the_sampling_spread_of_the_full_estimate():
+    """The half-sample spread estimates the spread of the full-sample FD over independent draws (the point of
+    halving: the finite-population factor cancels the doubled variance), within a loose factor."""
+    g = torch.Generator().manual_seed(5)
+    full, halves = [], []
+    for _ in range(30):
+        a, b = torch.randn(80, 3, generator=g) + 0.7, torch.randn(80, 3, generator=g)
+        full.append(float(frechet_distance(a, b)))
+    a, b = torch.randn(80, 3, generator=g) + 0.7, torch.randn(80, 3, generator=g)
+    for _ in range(60):
+        ia, ib = torch.randperm(80, generator=g)[:40], torch.randperm(80, generator=g)[:40]
+        halves.append(float(frechet_distance(a[ia], b[ib])))
+    ratio = torch.tensor(halves).std() / torch.tensor(full).std()
+    assert 0.5 < float(ratio) < 2.0
 
 
 def test_save_load_round_trip(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sfvideo.metrics.toy import FRAME_METRICS, VIDEO_METRICS, ToyVideoAnalyser, ToyVideoMetrics
+from sfvideo.metrics.toy import FRAME_METRICS, VIDEO_METRICS, ToyVideoAnalyser, ToyVideoMetrics, per_video_metrics
 from sfvideo.toy.world import (
     DIRECTIONS,
     SceneAttributes,
@@ -63,6 +63,26 @@ def test_metrics_are_deterministic_and_accumulate(real):
         torch.testing.assert_close(a[key], c[key], equal_nan=True)
     with pytest.raises(ValueError, match="num_frames"):
         ToyVideoMetrics().update(videos[:, :9], prompts)
+
+
+def test_per_video_metrics_aggregate_to_the_metric_and_locate_errors_in_time(real):
+    prompts, videos = real
+    agg = scores(videos, prompts)
+    per = per_video_metrics(videos, prompts)
+    for name in VIDEO_METRICS:
+        assert per[name].shape == (N,)
+        torch.testing.assert_close(per[name].mean().float(), agg[name])
+    for name in FRAME_METRICS:
+        assert per[f"{name}_curve"].shape == (N, 21)
+        torch.testing.assert_close(per[f"{name}_curve"].nanmean(0).float(), agg[f"{name}_curve"], equal_nan=True)
+    # Noise from frame 15 on: background fidelity drops there only, in every video; any length is accepted.
+    noisy = videos.clone()
+    noisy[:, 15:] += 0.5 * torch.randn(noisy[:, 15:].shape, generator=torch.Generator().manual_seed(0))
+    bg = per_video_metrics(noisy.clamp(-1, 1), prompts)["background_fidelity_curve"]
+    assert (bg[:, :15] > 0.95).all() and (bg[:, 15:] < 0.5).all()
+    assert per_video_metrics(videos[:2, :9], prompts[:2])["persistence_curve"].shape == (2, 9)
+    with pytest.raises(ValueError, match="2 videos but 3 prompts"):
+        per_video_metrics(videos[:2], prompts[:3])
 
 
 def test_centroids_track_the_ground_truth():

@@ -363,6 +363,49 @@ class ToyVideoAnalyser:
         return out
 
 
+def _video_values(res: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One analysed video -> ``(curves (len(FRAME_METRICS), T), values (len(VIDEO_METRICS),))`` in float64: the
+    per-frame curves (NaN where undefined) and the per-video values (mean of the defined frames; mean absolute
+    error for the signed metrics)."""
+    curves = torch.stack([res[n] for n in FRAME_METRICS]).to(torch.float64)
+    per_video = []
+    for i, name in enumerate(FRAME_METRICS):
+        vals = curves[i][~curves[i].isnan()]
+        per_video.append((vals.abs() if name in _SIGNED else vals).mean())
+    per_video.append(res["direction_acc"].to(torch.float64))
+    return curves, torch.stack(per_video)
+
+
+def per_video_metrics(
+    videos: torch.Tensor,
+    prompts: Sequence[str | SceneAttributes],
+    analyser: ToyVideoAnalyser | None = None,
+) -> dict[str, torch.Tensor]:
+    """The metrics of ``ToyVideoMetrics`` per video and per frame, unaggregated (what intervals resample).
+
+    Args:
+        videos: ``(B, T, 3, H, W)`` in [-1, 1], any length ``T``.
+        prompts: one per video.
+        analyser: thresholds and world (default ``ToyVideoAnalyser()``).
+
+    Returns:
+        ``{name: (B,)}`` for ``VIDEO_METRICS`` (as each video enters ``ToyVideoMetrics``: its mean over its
+        defined frames) and ``{name + "_curve": (B, T)}`` for ``FRAME_METRICS`` (NaN where undefined, e.g. frame 0
+        of the step metrics), float64. Averaging the values over videos gives ``ToyVideoMetrics.compute()``.
+    """
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"per_video_metrics: videos must be (B, T, 3, H, W), got {tuple(videos.shape)}")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"per_video_metrics: {videos.shape[0]} videos but {len(prompts)} prompts")
+    analyser = analyser or ToyVideoAnalyser()
+    rows = [_video_values(analyser.analyse(v, p)) for v, p in zip(videos, prompts, strict=True)]
+    curves = torch.stack([c for c, _ in rows])  # (B, M, T)
+    values = torch.stack([v for _, v in rows])  # (B, M')
+    out = {name: values[:, i] for i, name in enumerate(VIDEO_METRICS)}
+    out.update({f"{name}_curve": curves[:, i] for i, name in enumerate(FRAME_METRICS)})
+    return out
+
+
 class ToyVideoMetrics(Metric):
     """Toy-world metrics over a dataset of generated videos, with per-frame-index curves.
 
@@ -414,17 +457,11 @@ class ToyVideoMetrics(Metric):
             raise ValueError(f"ToyVideoMetrics.update: {videos.shape[0]} videos but {len(prompts)} prompts")
         dev = self.frame_sum.device
         for video, prompt in zip(videos, prompts, strict=True):
-            res = self.analyser.analyse(video, prompt)
-            curves = torch.stack([res[n] for n in FRAME_METRICS]).to(dev, torch.float64)  # (M, T)
+            curves, pv = _video_values(self.analyser.analyse(video, prompt))
+            curves, pv = curves.to(dev), pv.to(dev)
             valid = ~curves.isnan()
             self.frame_sum += torch.where(valid, curves, 0)
             self.frame_count += valid
-            per_video = []
-            for i, name in enumerate(FRAME_METRICS):
-                vals = curves[i][valid[i]]
-                per_video.append((vals.abs() if name in _SIGNED else vals).mean())
-            per_video.append(res["direction_acc"].to(dev, torch.float64))
-            pv = torch.stack(per_video)
             ok = ~pv.isnan()
             self.video_sum += torch.where(ok, pv, 0)
             self.video_count += ok

@@ -9,9 +9,10 @@ of motion and background present (binary cross-entropy),
 on random 8-frame windows whose direction labels follow the bounces, so the features carry appearance and motion.
 (A speed-regression head was tried and dropped: it stalled the classification loss at its prior.)
 
-Never call these numbers FVD: they are "FD-syn" / "KD-syn", meaningful only as ratios to the real-vs-real value
-of the same encoder (``distance_report``). KID (unbiased MMD² with the polynomial kernel ``(x·y/D + 1)³``) is the
-better estimator at small N (JEDi, arXiv 2410.05203); FD needs N well above D.
+Never call these numbers FVD: they are "FD-syn" / "KD-syn", meaningful only against the real-vs-real value of the
+same encoder at the same sample size (``distance_report``: FD as a ratio, KD as a difference). KID (unbiased MMD²
+with the polynomial kernel ``(x·y/D + 1)³``) is the better estimator at small N (JEDi, arXiv 2410.05203); FD needs
+N well above D.
 
 The shipped checkpoint ``src/sfvideo/assets/toy_features.safetensors`` was produced on CPU by::
 
@@ -331,27 +332,30 @@ def kernel_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, degree: int = 
     return mmd.float()
 
 
-def bootstrap_ci(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    feats_a: torch.Tensor,
-    feats_b: torch.Tensor,
-    generator: torch.Generator,
-    num_samples: int = 100,
+def half_sample_interval(
+    estimate: float,
+    subset_values: torch.Tensor,
     level: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``fn(a, b)``, resampling the rows of both sets with replacement.
+    """Interval around ``estimate`` (a statistic of the full sets) from its values on half-size subsets.
 
-    Duplicated rows bias the unbiased KID estimator slightly upwards inside a resample; the interval is a spread
-    measure, not an exact coverage guarantee.
+    Half-sampling (the delete-n/2 jackknife): on subsets of ``n // 2`` rows drawn without replacement, the spread of
+    a statistic estimates the sampling spread of its full-sample value (the finite-population factor
+    ``1 - m/n = 1/2`` cancels the doubled variance at half size). A Fréchet distance shrinks with the sample size
+    (its estimation noise adds to it), so the half-size values sit above the full-sample one; the interval is their
+    spread placed around the estimate: ``estimate + (quantiles - median)``. It always contains ``estimate``.
     """
-    vals = []
-    for _ in range(num_samples):
-        ia = torch.randint(len(feats_a), (len(feats_a),), generator=generator)
-        ib = torch.randint(len(feats_b), (len(feats_b),), generator=generator)
-        vals.append(float(fn(feats_a[ia], feats_b[ib])))
-    v = torch.tensor(vals)
+    if subset_values.numel() == 0:
+        raise ValueError("half_sample_interval: no subset values")
+    v = subset_values.double()
     lo = (1 - level) / 2
-    return float(v.quantile(lo)), float(v.quantile(1 - lo))
+    med = float(v.median())
+    return estimate + float(v.quantile(lo)) - med, estimate + float(v.quantile(1 - lo)) - med
+
+
+def _half(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a random half (``n // 2`` rows, no repeats) of ``n`` rows."""
+    return torch.randperm(n, generator=generator)[: n // 2]
 
 
 def distance_report(
@@ -359,32 +363,63 @@ def distance_report(
     feats_real: torch.Tensor,
     feats_real_ref: torch.Tensor,
     generator: torch.Generator | None = None,
-    num_bootstrap: int = 100,
+    num_subsets: int = 100,
+    level: float = 0.95,
 ) -> dict[str, float]:
-    """FD-syn and KD-syn of generated vs real features, with bootstrap intervals and the real-vs-real baseline.
+    """FD-syn and KD-syn of generated vs real features, their real-vs-real floor, and intervals.
+
+    The comparison to real data is ``fd_ratio = fd / fd_real`` for the Fréchet distance and
+    ``kd_diff = kd - kd_real`` for the kernel distance (the unbiased KD of two real sets is ~0 and often negative,
+    so a ratio means nothing). Intervals (``*_low``, ``*_high``) come from :func:`half_sample_interval` over
+    ``num_subsets`` random halves of each set, drawn **without replacement**: resampling with replacement duplicates
+    rows, which inflates a Fréchet distance (fewer distinct rows: more estimation noise, which adds to it) and the
+    unbiased KD (a row paired with its own copy counts as two distinct samples), so such intervals need not even
+    contain their own estimate. On each subset the three sets are halved independently and the floor uses the same
+    real half as the distance.
 
     Args:
         feats_gen: ``(N, D)`` features of generated videos.
         feats_real: ``(M, D)`` features of real videos (same prompts, ideally).
         feats_real_ref: ``(M', D)`` features of a second, independent real set; ``real`` vs ``real_ref`` is the
             noise floor at this sample size.
-        generator: randomness of the bootstrap (default seeded 0).
-        num_bootstrap: resamples per interval (0 skips the intervals).
+        generator: randomness of the subsets (default seeded 0).
+        num_subsets: half-size subsets per interval (0 skips the intervals; they also need >= 4 rows per set).
+        level: coverage of the intervals.
 
     Returns:
-        ``fd``, ``fd_low``, ``fd_high``, ``fd_real``, ``fd_ratio`` (= fd / fd_real) and the same for ``kd``
-        (``kd_ratio`` is NaN when ``kd_real <= 0``, where a ratio means nothing).
+        ``fd``, ``fd_real``, ``fd_ratio``, ``kd``, ``kd_real``, ``kd_diff``, with ``fd_low`` / ``fd_high``,
+        ``fd_ratio_low`` / ``fd_ratio_high``, ``kd_low`` / ``kd_high``, ``kd_diff_low`` / ``kd_diff_high`` when
+        intervals are computed.
     """
     g = generator or torch.Generator().manual_seed(0)
-    out: dict[str, float] = {}
-    for name, fn in (("fd", frechet_distance), ("kd", kernel_distance)):
-        value = float(fn(feats_gen, feats_real))
-        real = float(fn(feats_real_ref, feats_real))
-        out[name] = value
-        out[f"{name}_real"] = real
-        out[f"{name}_ratio"] = value / real if real > 0 else float("nan")
-        if num_bootstrap > 0:
-            out[f"{name}_low"], out[f"{name}_high"] = bootstrap_ci(fn, feats_gen, feats_real, g, num_bootstrap)
+    fd, fd_real = float(frechet_distance(feats_gen, feats_real)), float(frechet_distance(feats_real_ref, feats_real))
+    kd, kd_real = float(kernel_distance(feats_gen, feats_real)), float(kernel_distance(feats_real_ref, feats_real))
+    out: dict[str, float] = {
+        "fd": fd,
+        "fd_real": fd_real,
+        "fd_ratio": fd / fd_real if fd_real > 0 else float("nan"),
+        "kd": kd,
+        "kd_real": kd_real,
+        "kd_diff": kd - kd_real,
+    }
+    if num_subsets <= 0 or min(len(feats_gen), len(feats_real), len(feats_real_ref)) < 4:
+        return out
+    values: dict[str, list[float]] = {"fd": [], "fd_ratio": [], "kd": [], "kd_diff": []}
+    for _ in range(num_subsets):
+        gen = feats_gen[_half(len(feats_gen), g)]
+        real = feats_real[_half(len(feats_real), g)]
+        ref = feats_real_ref[_half(len(feats_real_ref), g)]
+        f, f0 = float(frechet_distance(gen, real)), float(frechet_distance(ref, real))
+        k, k0 = float(kernel_distance(gen, real)), float(kernel_distance(ref, real))
+        values["fd"].append(f)
+        values["fd_ratio"].append(f / f0 if f0 > 0 else float("nan"))
+        values["kd"].append(k)
+        values["kd_diff"].append(k - k0)
+    for name, vals in values.items():
+        v = torch.tensor(vals, dtype=torch.float64)
+        v = v[~v.isnan()]
+        if v.numel() and out[name] == out[name]:
+            out[f"{name}_low"], out[f"{name}_high"] = half_sample_interval(out[name], v, level)
     return out
 
 

@@ -1,8 +1,11 @@
 """Callbacks: periodic evaluation of the generator on a fixed prompt set, with samples people can look at; the
-progress bar of the distillation modules in generator steps."""
+progress bar of the distillation modules in generator steps; the training clock (time, peak memory and
+snapshots of a run, for ``sfvideo reproduce``)."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,3 +149,121 @@ class GeneratorStepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, getattr(pl_module, "generator_steps", 0))
         self._update_metrics(trainer, pl_module)
         self.refresh()
+
+
+def _reset_peak_memory(device: torch.device) -> int:
+    """Reset the peak-memory counter of ``device`` and return the memory in use now (bytes).
+
+    CUDA: the caching allocator's peak of allocated bytes. CPU: the process's resident-set high-water mark
+    (``VmHWM``), reset through ``/proc/self/clear_refs`` (Linux; where that is refused the mark keeps the process's
+    whole history, and the JSON says so).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _proc_status("VmRSS")
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    return _proc_status("VmHWM")
+
+
+def _proc_status(key: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` in bytes (0 where there is no such file)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class TrainingClock(L.Callback):
+    """Time and peak memory of a training run, per iteration, and checkpoints at chosen generator updates.
+
+    Writes ``path`` (JSON) at the end of training: per trainer iteration the generator-update counter (the module's
+    ``generator_steps``, or the global step for single-network modules), the seconds since training started, and
+    the iteration's own seconds; the peak memory of the run (CUDA: allocated bytes; CPU: resident-set high-water
+    mark since set-up, and the resident set at set-up); and the snapshots. A snapshot is a full checkpoint written
+    at generator update ``n`` for each ``n`` in ``snapshot_steps`` into ``snapshot_dir``; the time spent writing it
+    is left out of the training clock, so metric-vs-wall-clock curves measure training only.
+
+    Args:
+        path: the JSON file.
+        snapshot_steps: generator updates after which to write a checkpoint (empty: none).
+        snapshot_dir: where snapshots go (``snapshot_<n>.ckpt``); needed with ``snapshot_steps``.
+    """
+
+    def __init__(self, path: str, snapshot_steps: Sequence[int] = (), snapshot_dir: str | None = None) -> None:
+        super().__init__()
+        if snapshot_steps and snapshot_dir is None:
+            raise ValueError("TrainingClock: snapshot_steps needs snapshot_dir")
+        self.path = Path(path)
+        self.snapshot_steps = sorted(set(int(s) for s in snapshot_steps))
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self.iterations: list[dict[str, float]] = []
+        self.snapshots: list[dict[str, Any]] = []
+        self._device = torch.device("cpu")
+        self._rss_at_setup = 0
+        self._start = 0.0
+        self._paused = 0.0
+        self._batch_start = 0.0
+
+    @staticmethod
+    def _counter(trainer: L.Trainer, module: Any) -> int:
+        return int(getattr(module, "generator_steps", trainer.global_step))
+
+    def setup(self, trainer: L.Trainer, module: Any, stage: str) -> None:
+        self._device = trainer.strategy.root_device
+        self._rss_at_setup = _reset_peak_memory(self._device)
+
+    def on_train_start(self, trainer: L.Trainer, module: Any) -> None:
+        self._start = time.perf_counter()
+        self._paused = 0.0
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._start - self._paused
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_start = self._now()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        now = self._now()
+        step = self._counter(trainer, module)
+        self.iterations.append({"generator_steps": step, "seconds": now, "iteration_seconds": now - self._batch_start})
+        if self.snapshot_dir is not None and step in self.snapshot_steps and not any(
+            s["generator_steps"] == step for s in self.snapshots
+        ):
+            t0 = time.perf_counter()
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+            path = self.snapshot_dir / f"snapshot_{step}.ckpt"
+            trainer.save_checkpoint(path)
+            self.snapshots.append({"generator_steps": step, "seconds": now, "path": str(path)})
+            self._paused += time.perf_counter() - t0
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        if trainer.global_rank != 0:
+            return
+        peak = _peak_memory(self._device)
+        record = {
+            "device": str(self._device),
+            "memory_kind": "cuda_max_allocated" if self._device.type == "cuda" else "process_peak_rss",
+            "peak_memory_bytes": peak,
+            "memory_at_setup_bytes": self._rss_at_setup,
+            "train_seconds": self._now(),
+            "iterations": self.iterations,
+            "snapshots": self.snapshots,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(record, indent=1) + "\n")

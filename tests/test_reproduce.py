@@ -1,0 +1,68 @@
+"""``sfvideo reproduce --quick``: every paradigm, chunk-wise and frame-wise, trained a few steps and reported."""
+
+import json
+
+import pytest
+import torch
+
+from sfvideo.reproduce import PARADIGMS, ReproduceConfig, accumulation, bootstrap_mean, snapshot_steps
+from sfvideo.training.networks import asset_path
+
+needs_teacher = pytest.mark.skipif(asset_path("toy_teacher") is None, reason="toy teacher asset not built")
+
+
+def test_accumulation_slope_and_gap():
+    t = torch.arange(9, dtype=torch.float64)
+    curves = torch.stack([1 - 0.1 * t, 1 - 0.1 * t + 0.02])  # two videos, slope -0.1 per frame
+    curves[:, 0] = float("nan")  # an undefined frame (a step metric) is ignored
+    acc = accumulation(curves, 3, torch.Generator().manual_seed(0), 50, 0.95)
+    assert acc["slope"] == pytest.approx(-0.1)
+    # Last 3 frames (6, 7, 8: mean at 7) minus the defined first ones (1, 2: mean at 1.5).
+    assert acc["gap"] == pytest.approx(-0.1 * (7 - 1.5))
+    assert acc["slope_ci"]["low"] <= acc["slope"] <= acc["slope_ci"]["high"]
+    assert len(acc["curve"]) == len(acc["curve_low"]) == 9
+
+
+def test_bootstrap_mean_and_snapshot_steps():
+    stat = bootstrap_mean(torch.tensor([0.0, 1.0, float("nan"), 1.0]), torch.Generator().manual_seed(0), 200, 0.95)
+    assert stat["mean"] == pytest.approx(2 / 3) and 0 <= stat["low"] <= stat["mean"] <= stat["high"] <= 1
+    assert snapshot_steps(80, 4) == [20, 40, 60, 80] and snapshot_steps(2, 5) == [1, 2]
+
+
+def test_config_errors_are_one_line():
+    base = dict(generator_updates=1, batch_size=1, ode_steps=1, num_prompts=1, seeds=(0,), extrapolation_factors=(2,),
+                extrapolation_prompts=1, snapshots=1, num_bootstrap=1, num_subsets=1, gap_frames=1)
+    with pytest.raises(ValueError, match="unknown paradigms"):
+        ReproduceConfig(**base, paradigms=("nope",))
+    with pytest.raises(ValueError, match="not a multiple of every chunk size"):
+        ReproduceConfig(**base, num_frames=4, frames_per_chunk=(3, 1))
+
+
+@needs_teacher
+def test_reproduce_quick_runs_every_paradigm_and_writes_the_report(tmp_path):
+    from sfvideo.cli import main
+
+    out = tmp_path / "repro"
+    main(["reproduce", "--quick", "--out", str(out)])
+    report = json.loads((out / "reproduction.json").read_text())
+    assert set(report["results"]) == {"3", "1"}
+    for fpc, results in report["results"].items():
+        labels = set(results)
+        assert {p.label for p in PARADIGMS.values()} | {"ODE init"} <= labels, fpc
+        for label, entry in results.items():
+            for split in ("train", "heldout"):
+                m = entry["horizon"][split]["metrics"]
+                for name in ("persistence", "fd_ratio", "kd_diff"):
+                    assert m[name]["low"] <= m[name]["mean"] <= m[name]["high"], (fpc, label, split, name)
+            if entry.get("kind") == "teacher":
+                continue
+            assert entry["training"]["peak_memory_mb"] > 0 and entry["training"]["seconds_per_iteration"] > 0
+            assert {"clip_x2", "restricted_x2"} <= set(entry["extrapolation"])
+            assert len(entry["extrapolation"]["clip_x2"]["windows"]) == 2
+            if entry["kind"] != "ode":
+                assert entry["wallclock"] and entry["wallclock"][-1]["generator_steps"] == 2
+        for png in (f"accumulation_f{fpc}.png", f"extrapolation_f{fpc}.png"):
+            assert (out / png).stat().st_size > 0
+    assert (out / "figure6.png").stat().st_size > 0
+    md = (out / "reproduction.md").read_text()
+    assert "Smoke run" in md and "Self Forcing GAN" in md and "frame-wise" in md
