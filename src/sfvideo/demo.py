@@ -116,18 +116,11 @@ def _print_table(results: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    keys = [
-        ("colour_acc", "colour↑"),
-        ("shape_acc", "shape↑"),
-        ("direction_acc", "direction↑"),
-        ("motion_acc", "motion↑"),
-        ("persistence", "persist↑"),
-        ("background_fidelity", "bg↑"),
-        ("flicker", "flicker↓"),
-        ("brightness_drift", "drift"),
-        ("fd_ratio", "FD/real↓"),
-        ("seconds_per_video", "s/video"),
-    ]
+    from sfvideo.evaluation import METRIC_LABELS
+
+    keys = [(k, METRIC_LABELS[k]) for k in ("colour_acc", "shape_acc", "direction_acc", "motion_acc", "persistence",
+                                            "background_fidelity", "flicker", "brightness_drift", "fd_ratio",
+                                            "seconds_per_video")]
     console = Console(width=max(150, Console().width))  # the table is wide; CI logs are not terminals
     for split, rows in results.items():
         table = Table(title=f"toy world, {split} prompts")

@@ -12,6 +12,21 @@ from typing import Any
 
 import torch
 
+METRIC_LABELS: dict[str, str] = {
+    "colour_acc": "colour↑",
+    "shape_acc": "shape↑",
+    "direction_acc": "direction↑",
+    "motion_acc": "motion↑",
+    "persistence": "persist↑",
+    "background_fidelity": "bg↑",
+    "flicker": "flicker↓",
+    "brightness_drift": "drift",
+    "fd_ratio": "FD/real↓",
+    "kd_diff": "KD−real↓",
+    "seconds_per_video": "s/video",
+}
+"""Column titles of the toy metrics in every table (demo, reproduce), arrows giving the better side."""
+
 
 def score_toy_videos(
     videos: torch.Tensor,

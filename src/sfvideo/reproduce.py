@@ -48,6 +48,7 @@ from typing import Any, Literal
 import torch
 
 from sfvideo.demo import banner, config_path, fit_stage
+from sfvideo.evaluation import METRIC_LABELS
 
 Kind = Literal["many_step", "distillation", "ode"]
 
@@ -79,16 +80,9 @@ PARADIGMS: dict[str, Paradigm] = {
 """Every paradigm the project has, keyed by its name in the run config and the JSON."""
 ODE = Paradigm("ODE init", "ode.yaml", "ode")
 TEACHER_LABEL = "teacher (bidirectional, many-step)"
-TABLE_METRICS: tuple[tuple[str, str], ...] = (
-    ("colour_acc", "colour↑"),
-    ("shape_acc", "shape↑"),
-    ("direction_acc", "direction↑"),
-    ("motion_acc", "motion↑"),
-    ("persistence", "persist↑"),
-    ("background_fidelity", "bg↑"),
-    ("flicker", "flicker↓"),
-    ("fd_ratio", "FD/real↓"),
-    ("kd_diff", "KD−real↓"),
+TABLE_METRICS: tuple[tuple[str, str], ...] = tuple(
+    (k, METRIC_LABELS[k]) for k in ("colour_acc", "shape_acc", "direction_acc", "motion_acc", "persistence",
+                                    "background_fidelity", "flicker", "fd_ratio", "kd_diff")
 )
 WINDOW_METRICS: tuple[str, ...] = ("persistence", "motion_acc", "background_fidelity", "flicker", "colour_acc",
                                    "shape_acc")

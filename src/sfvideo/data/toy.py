@@ -92,10 +92,10 @@ class ToyVideoDataModule(L.LightningDataModule):
         super().__init__()
         self.num_workers = num_workers
         if num_scenes < 0:
-            raise ValueError(f"--data.num_scenes must be >= 0, got {num_scenes}")
+            raise ValueError(f"--data.init_args.num_scenes must be >= 0, got {num_scenes}")
         self.num_scenes = num_scenes
         if batch_size <= 0:
-            raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
+            raise ValueError(f"--data.init_args.batch_size must be positive, got {batch_size}")
         self.world = world
         self.codec = ToyCodec(spatial_stride=spatial_stride)
         self.batch_size, self.two_object_fraction, self.seed = batch_size, two_object_fraction, seed
