@@ -6,7 +6,9 @@ import pytest
 
 from sfvideo.cli import SFVideoCLI
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+RUN_CONFIGS = [p for p in ALL_CONFIGS if p.name.startswith("reproduce")]  # `sfvideo reproduce`'s own run configs
+CONFIGS = [p for p in ALL_CONFIGS if p not in RUN_CONFIGS]  # LightningCLI configs
 
 
 class _ParseOnly(SFVideoCLI):
@@ -28,6 +30,18 @@ def test_config_parses(path):
         args=["--config", str(path)],
     )
     assert "model" in cli.config
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_reproduce_config_parses(path):
+    from sfvideo.reproduce import ODE, PARADIGMS, load_config
+
+    cfg = load_config(path)
+    assert cfg.paradigms
+    toy = {p.name for p in CONFIGS if p.parent.name == "toy"}
+    for name in cfg.paradigms:  # every fit config a run trains is a toy config (each parsed above)
+        assert PARADIGMS[name].config in toy
+    assert ODE.config in toy
 
 
 def test_config_with_an_unknown_key_is_rejected(tmp_path):

@@ -6,6 +6,7 @@ and when the session is dropped; the threads end with the engine (tiny debug tra
 import _thread
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -156,6 +157,10 @@ def test_worker_error_ends_the_stream_and_the_worker_serves_the_next_one(model):
 def test_ctrl_c_while_waiting_for_a_decode_ends_the_stream(model):
     def hook(call):
         if call == 1:
+            # This decode is submitted during the first next_chunk; hold it so that the main thread is inside
+            # the second one, waiting for it, when the interrupt arrives (on a loaded machine the first call can
+            # otherwise still be running, and the interrupt lands outside the pytest.raises block).
+            time.sleep(0.5)
             _thread.interrupt_main()  # KeyboardInterrupt in the main thread, waiting for this decode
 
     spy = SpyDecoder(_tiny_wan_codec(), hook)
