@@ -5,6 +5,7 @@ and when the session is dropped; the threads end with the engine (tiny debug tra
 
 import _thread
 import gc
+import signal
 import threading
 import time
 
@@ -154,7 +155,16 @@ def test_worker_error_ends_the_stream_and_the_worker_serves_the_next_one(model):
     assert len(set(spy.threads)) == 1
 
 
-def test_ctrl_c_while_waiting_for_a_decode_ends_the_stream(model):
+@pytest.fixture
+def default_sigint():
+    """interrupt_main() runs the installed SIGINT handler; an earlier test (a command's Ctrl-C handling) may have
+    left its own, so install Python's default, which raises KeyboardInterrupt, and restore the previous after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_waiting_for_a_decode_ends_the_stream(model, default_sigint):
     def hook(call):
         if call == 1:
             # This decode is submitted during the first next_chunk; hold it so that the main thread is inside
