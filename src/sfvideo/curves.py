@@ -12,6 +12,8 @@ import argparse
 import csv
 from pathlib import Path
 
+from sfvideo.files import AtomicFile
+
 
 def read_scalars(run: str | Path, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
     """``{tag: [(step, value), ...]}`` sorted by step, merged over every event file under ``run``.
@@ -70,24 +72,19 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], out: Path, *, smooth
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".partial.png")
-    fig.savefig(tmp, dpi=110)
+    with AtomicFile(out, make_parents=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")  # the temporary's name does not end in .png
     plt.close(fig)
-    tmp.replace(out)
 
 
 def write_csv(curves: dict[str, list[tuple[int, float]]], out: Path) -> None:
     steps = sorted({s for points in curves.values() for s, _ in points})
     table = {tag: dict(points) for tag, points in curves.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with tmp.open("w", newline="") as f:
+    with AtomicFile(out, make_parents=True) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", *curves])
         for s in steps:
             w.writerow([s, *[table[t].get(s, "") for t in curves]])
-    tmp.replace(out)
 
 
 def main(argv: list[str] | None = None) -> None:

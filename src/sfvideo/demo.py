@@ -72,11 +72,8 @@ def _evaluate(
     teacher_steps: int,
     seed: int,
 ) -> dict[str, Any]:
-    from dataclasses import replace
 
-    from sfvideo.checkpoints import read_checkpoint
-    from sfvideo.evaluation import evaluate_toy_engine, real_toy_features, toy_eval_prompts
-    from sfvideo.inference import InferenceEngine
+    from sfvideo.evaluation import evaluate_toy_engine, evaluation_engine, real_toy_features, toy_eval_prompts
     from sfvideo.toy.features import load_feature_encoder
     from sfvideo.video import save_contact_sheet, write_mp4
 
@@ -89,13 +86,8 @@ def _evaluate(
         "Self Forcing (4 steps)": ("generator", sf_dir),
     }
     # Every folder records how it is sampled (sfvideo.json); the teacher's step count is the demo's option.
-    engines = {}
-    for label, (kind, folder) in models.items():
-        ckpt = read_checkpoint(folder)
-        settings = ckpt.settings
-        if kind == "teacher":
-            settings = replace(settings, sampling=replace(settings.sampling, num_steps=teacher_steps))
-        engines[label] = InferenceEngine.from_checkpoint(ckpt, settings=settings)
+    engines = {label: evaluation_engine(folder, sampling_steps=teacher_steps if kind == "teacher" else None)[0]
+               for label, (kind, folder) in models.items()}
     for split, prompts in splits.items():
         real = real_toy_features(prompts, features)
         for label, (kind, folder) in models.items():

@@ -25,7 +25,7 @@ METRIC_LABELS: dict[str, str] = {
     "kd_diff": "KD−real↓",
     "seconds_per_video": "s/video",
 }
-"""Column titles of the toy metrics in every table (demo, reproduce), arrows giving the better side."""
+"""Column titles of the toy metrics in every table (demo, reproduce, probe-teacher), arrows giving the better side."""
 
 
 def score_toy_videos(
@@ -46,6 +46,41 @@ def score_toy_videos(
     if reference is not None and features is not None:
         scores.update(features(videos.float().cpu(), reference.float().cpu()))
     return scores
+
+
+def evaluation_engine(
+    source: Any,
+    *,
+    sampling_steps: int | None = None,
+    num_frames: int | None = None,
+    use_ema: bool | None = None,
+) -> tuple[Any, bool]:
+    """The inference engine that evaluates a checkpoint, and whether it runs EMA weights.
+
+    Args:
+        source: A Lightning checkpoint or export folder (path), or a ``checkpoints.Checkpoint`` already read.
+        sampling_steps: Steps of a many-step sampler (``euler``, ``causal_cfg``) instead of the recorded ones; a
+            few-step generator keeps its step list.
+        num_frames: Clip length instead of the recorded one (extrapolation).
+        use_ema: None = a Lightning checkpoint's EMA weights where it has them (an export's weights are what was
+            exported); True / False forces the choice.
+    """
+    from dataclasses import replace
+
+    from sfvideo.checkpoints import read_checkpoint
+    from sfvideo.inference import InferenceEngine
+
+    ckpt = read_checkpoint(source) if not hasattr(source, "settings") else source
+    settings = ckpt.settings
+    if settings is None:
+        raise ValueError(f"{ckpt.path} records no inference settings")
+    if sampling_steps is not None and settings.sampler in ("euler", "causal_cfg"):
+        settings = replace(settings, sampling=replace(settings.sampling, num_steps=sampling_steps))
+    if num_frames is not None and num_frames != settings.geometry.num_frames:
+        settings = replace(settings, geometry=replace(settings.geometry, num_frames=num_frames))
+    if use_ema is None:
+        use_ema = ckpt.kind == "lightning" and ckpt.network is not None and ckpt.ema_state(ckpt.network) is not None
+    return InferenceEngine.from_checkpoint(ckpt, settings=settings, use_ema=use_ema), use_ema
 
 
 def toy_eval_prompts(num: int, seed: int) -> dict[str, list[str]]:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from sfvideo.diffusion.schedule import add_noise, flow_target
+from sfvideo.files import AtomicFile
 
 EXACT = ("colour_acc", "shape_acc", "direction_acc", "motion_acc", "persistence", "background_fidelity")
 
@@ -39,8 +40,7 @@ def one_step_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed
     out = {}
     with torch.no_grad():
         for sigma in sigmas:
-            xt = (1 - sigma) * x0 + sigma * noise
-            est = engine.denoiser(xt, sigma, cond)
+            est = engine.denoiser(add_noise(x0, noise, sigma), sigma, cond)
             video = engine.decode(est).clamp(-1, 1)
             scores = score_toy_videos(video, prompts)
             out[f"{sigma:g}"] = {k: float(scores[k]) for k in EXACT if k in scores}
@@ -62,35 +62,19 @@ def order_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed: i
     with torch.no_grad():
         for sigma in sigmas:
             for name, clip in (("ordered", x0), ("shuffled", x0[:, perm])):
-                xt = (1 - sigma) * clip + sigma * noise
-                flow = engine.denoiser.flow(xt, sigma, cond)
-                losses[name] += float(((flow - (noise - clip)) ** 2).mean()) / len(sigmas)
+                flow = engine.denoiser.flow(add_noise(clip, noise, sigma), sigma, cond)
+                losses[name] += float(((flow - flow_target(clip, noise)) ** 2).mean()) / len(sigmas)
     losses["gap"] = losses["shuffled"] / losses["ordered"] - 1.0
     return losses
 
 
-def teacher_engine(path: str | Path, *, steps: int | None, use_ema: bool) -> Any:
-    """The inference engine of a teacher checkpoint or folder, with ``steps`` sampler steps (None: recorded)."""
-    from sfvideo.checkpoints import read_checkpoint
-    from sfvideo.inference import InferenceEngine
-
-    ckpt = read_checkpoint(path)
-    settings = ckpt.settings
-    if settings is None:
-        raise SystemExit(f"sfvideo probe-teacher: {path} records no inference settings")
-    if steps is not None:
-        settings = replace(settings, sampling=replace(settings.sampling, num_steps=steps))
-    return InferenceEngine.from_checkpoint(ckpt, settings=settings, use_ema=use_ema)
-
-
-def check_scores(path: str | Path, *, num_eval: int, num_steps: int, seed: int, use_ema: bool) -> dict[str, float]:
+def check_scores(engine: Any, *, num_eval: int, seed: int, features: Any = None) -> dict[str, float]:
     """The sample scores of a small, cheap evaluation on training prompts (recorded in the report as ``check``
     so that a test can re-run it on the shipped checkpoint and compare)."""
     from sfvideo.evaluation import evaluate_toy_engine, real_toy_features, toy_eval_prompts
     from sfvideo.toy.features import load_feature_encoder
 
-    engine = teacher_engine(path, steps=num_steps, use_ema=use_ema)
-    features = load_feature_encoder()
+    features = features if features is not None else load_feature_encoder()
     prompts = toy_eval_prompts(num_eval, seed)["train"]
     scores, _ = evaluate_toy_engine(engine, prompts, seed=seed, features=features,
                                     real=real_toy_features(prompts, features))
@@ -98,15 +82,17 @@ def check_scores(path: str | Path, *, num_eval: int, num_steps: int, seed: int, 
     return scores
 
 
-def probe(path: str | Path, *, num_eval: int, steps: int | None, use_ema: bool, seed: int,
+def probe(ckpt: Any, *, num_eval: int, steps: int | None, use_ema: bool | None, seed: int,
           sigmas: list[float], check: tuple[int, int] | None = None) -> dict[str, Any]:
-    from sfvideo.evaluation import evaluate_toy_engine, real_toy_features, toy_eval_prompts
+    """Every reading of one teacher (a ``checkpoints.Checkpoint``); ``check = (N, STEPS)`` adds the small
+    evaluation the shipped teacher's test re-runs."""
+    from sfvideo.evaluation import evaluate_toy_engine, evaluation_engine, real_toy_features, toy_eval_prompts
     from sfvideo.toy.features import load_feature_encoder
 
-    engine = teacher_engine(path, steps=steps, use_ema=use_ema)
+    engine, use_ema = evaluation_engine(ckpt, sampling_steps=steps, use_ema=use_ema)
     settings = engine.settings
     features = load_feature_encoder()
-    report: dict[str, Any] = {"checkpoint": str(path), "ema": use_ema, "num_steps": settings.sampling.num_steps,
+    report: dict[str, Any] = {"checkpoint": str(ckpt.path), "ema": use_ema, "num_steps": settings.sampling.num_steps,
                               "samples": {}}
     splits = toy_eval_prompts(num_eval, seed)
     for split, prompts in splits.items():
@@ -117,8 +103,9 @@ def probe(path: str | Path, *, num_eval: int, steps: int | None, use_ema: bool, 
     report["order"] = order_probe(engine, splits["train"], sigmas, seed=seed)
     if check is not None:
         n, k = check
+        small, _ = evaluation_engine(ckpt, sampling_steps=k, use_ema=use_ema)  # a second engine, same weights
         report["check"] = {"num_eval": n, "num_steps": k, "seed": seed,
-                           "train": check_scores(path, num_eval=n, num_steps=k, seed=seed, use_ema=use_ema)}
+                           "train": check_scores(small, num_eval=n, seed=seed, features=features)}
     return report
 
 
@@ -126,10 +113,12 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from sfvideo.evaluation import METRIC_LABELS
+
     table = Table(title=f"{report['checkpoint']} ({report['num_steps']} steps{', EMA' if report['ema'] else ''})")
     table.add_column("reading")
     for k in (*EXACT, "fd_ratio"):
-        table.add_column(k.replace("_acc", "").replace("background_fidelity", "bg"), justify="right")
+        table.add_column(METRIC_LABELS[k], justify="right")
     for split, s in report["samples"].items():
         table.add_row(f"samples, {split}", *[f"{s[k]:.3f}" for k in (*EXACT, "fd_ratio")])
     for sigma, s in report["one_step"].items():
@@ -172,16 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         check = (n, k)
     from sfvideo.checkpoints import read_checkpoint
 
-    use_ema = not args.no_ema and read_checkpoint(args.checkpoint).ema_state("model") is not None
-    report = probe(args.checkpoint, num_eval=args.num_eval, steps=args.steps, use_ema=use_ema, seed=args.seed,
-                   sigmas=sigmas, check=check)
+    report = probe(read_checkpoint(args.checkpoint), use_ema=False if args.no_ema else None,
+                   num_eval=args.num_eval, steps=args.steps, seed=args.seed, sigmas=sigmas, check=check)
     print_report(report)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(out)  # never a half-written report
+        with AtomicFile(args.json, make_parents=True) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

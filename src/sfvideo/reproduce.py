@@ -40,7 +40,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +48,8 @@ from typing import Any, Literal
 import torch
 
 from sfvideo.demo import banner, config_path, fit_stage
-from sfvideo.evaluation import METRIC_LABELS
+from sfvideo.evaluation import METRIC_LABELS, evaluation_engine
+from sfvideo.files import AtomicFile
 
 Kind = Literal["many_step", "distillation", "ode"]
 
@@ -357,22 +358,6 @@ def clock_summary(clock_file: str | Path) -> dict[str, Any]:
 # Evaluation
 
 
-def _engine(path: str | Path, sampling_steps: int | None, num_frames: int | None = None) -> tuple[Any, bool]:
-    """The inference engine of a checkpoint or export (its EMA weights where it has them); ``num_frames`` replaces
-    the recorded clip length."""
-    from sfvideo.checkpoints import read_checkpoint
-    from sfvideo.inference import InferenceEngine
-
-    ckpt = read_checkpoint(path)
-    settings = ckpt.settings
-    if sampling_steps is not None and settings.sampler in ("euler", "causal_cfg"):
-        settings = replace(settings, sampling=replace(settings.sampling, num_steps=sampling_steps))
-    if num_frames is not None and num_frames != settings.geometry.num_frames:
-        settings = replace(settings, geometry=replace(settings.geometry, num_frames=num_frames))
-    ema = ckpt.kind == "lightning" and ckpt.network is not None and ckpt.ema_state(ckpt.network) is not None
-    return InferenceEngine.from_checkpoint(ckpt, settings=settings, use_ema=ema), ema
-
-
 class Evaluator:
     """Scores engines on fixed prompt sets: in the training horizon, extrapolated, and at snapshots."""
 
@@ -468,7 +453,7 @@ class Evaluator:
         as ``horizon(...)["train"]["per_seed"][0]`` scores the final model."""
         from sfvideo.evaluation import evaluate_toy_engine
 
-        engine, ema = _engine(path, sampling_steps)
+        engine, ema = evaluation_engine(path, sampling_steps=sampling_steps)
         prompts = self.splits["train"]
         real, ref = self.real["train"]
         n = len(prompts)
@@ -518,7 +503,8 @@ def plot_accumulation(results: dict[str, Any], fpc: int, path: Path, metrics: tu
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"error accumulation per frame, {_chunking(fpc)}, training prompts (mean, 95% bootstrap band)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with AtomicFile(path) as tmp:  # never a half-written plot
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -553,7 +539,8 @@ def plot_extrapolation(results: dict[str, Any], fpc: int, path: Path) -> None:
     fig.suptitle(f"extrapolation to {factor}x the training length, {_chunking(fpc)}: solid = window of the clip, "
                  "dashed = restricted")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with AtomicFile(path) as tmp:  # never a half-written plot
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -592,7 +579,8 @@ def plot_figure6(report: dict[str, Any], path: Path) -> None:
     axes[2].legend(fontsize=6)
     fig.suptitle("Figure 6 at toy scale: cost per update and peak memory (left), quality vs training time (right)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with AtomicFile(path) as tmp:  # never a half-written plot
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -669,7 +657,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
                              f"{c['peak_memory_mb']:.0f} | {c['peak_memory_mb'] - c['memory_at_setup_mb']:.0f} | "
                              f"{c['memory_kind']} |")
     lines += ["", "![Figure 6](figure6.png)", ""]
-    path.write_text("\n".join(lines) + "\n")
+    with AtomicFile(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -713,7 +702,7 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
         "results": {},
     }
     banner("teacher (reference)")
-    teacher_engine, _ = _engine(teacher, cfg.sampling_steps, clip_frames)
+    teacher_engine, _ = evaluation_engine(teacher, sampling_steps=cfg.sampling_steps, num_frames=clip_frames)
     teacher_entry = {"horizon": evaluator.horizon(teacher_engine), "kind": "teacher"}
     needs_ode = any(PARADIGMS[p].kind == "distillation" for p in cfg.paradigms)
     for fpc in cfg.frames_per_chunk:
@@ -726,7 +715,7 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
             trained = train_stage(cfg, out, key, paradigm, fpc, clip_frames, pixel_frames, ode_dir)
             if paradigm.kind == "ode":
                 ode_dir = export_checkpoint(trained["checkpoint"], out / "exports" / f"ode_f{fpc}", overwrite=True)
-            engine, ema = _engine(trained["checkpoint"], cfg.sampling_steps)
+            engine, ema = evaluation_engine(trained["checkpoint"], sampling_steps=cfg.sampling_steps)
             clock = clock_summary(trained["clock"])
             entry: dict[str, Any] = {"key": key, "config": f"configs/toy/{paradigm.config}", "kind": paradigm.kind,
                                      "ema": ema, "training": clock, "stage_seconds": trained["stage_seconds"]}
@@ -744,7 +733,8 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
         plot_extrapolation(results, fpc, out / f"extrapolation_f{fpc}.png")
     report["total_minutes"] = (time.perf_counter() - start) / 60
     plot_figure6(report, out / "figure6.png")
-    (out / "reproduction.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    with AtomicFile(out / "reproduction.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
     write_markdown(report, out / "reproduction.md")
     return report
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sfvideo.evaluation import evaluation_engine
 from sfvideo.probe_teacher import EXACT, check_scores
 from sfvideo.training.networks import asset_path
 
@@ -17,8 +18,9 @@ def test_the_committed_teacher_metrics_match_a_fresh_evaluation():
     teacher = asset_path("toy_teacher")
     assert teacher is not None, "src/sfvideo/assets/toy_teacher is missing"
     check = json.loads(REPORT.read_text())["check"]
-    fresh = check_scores(teacher, num_eval=check["num_eval"], num_steps=check["num_steps"], seed=check["seed"],
-                         use_ema=False)  # the exported folder holds the EMA weights as its weights
+    # the exported folder holds the EMA weights as its weights
+    engine, _ = evaluation_engine(teacher, sampling_steps=check["num_steps"], use_ema=False)
+    fresh = check_scores(engine, num_eval=check["num_eval"], seed=check["seed"])
     for key in EXACT:
         # Same weights, prompts, seeds and sampler: only fp32 rounding across machines differs, which can move
         # a pixel across a classification threshold in a frame or two (each frame of 4 videos is 1/84 of a mean).
