@@ -64,6 +64,20 @@ def test_default_root_dir_holds_logs_checkpoints_and_is_where_last_resumes(run):
     assert (state(ckpt)["generator_steps"], state(ckpt)["critic_steps"]) == (2, 4)
 
 
+def test_last_checkpoint_is_the_final_state_whatever_the_save_interval(tmp_path):
+    # 2 generator updates x (1 + 2 critic) = 6 optimizer steps; batches end at global steps 2, 3, 5, 6. Saving every
+    # 5 left Lightning 2.6's last.ckpt at step 5 (before the last critic update) until FinalLastCheckpoint.
+    every_5 = ["--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+               '"init_args": {"save_last": true, "every_n_train_steps": 5}}]']
+    main(["fit", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2",
+          *every_5, *QUIET])
+    ckpts = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    last = state(ckpts / "last.ckpt")
+    assert (last["generator_steps"], last["critic_steps"]) == (2, 4)
+    (periodic,) = ckpts.glob("epoch=*-step=5.ckpt")  # the periodic checkpoints are Lightning's, unchanged
+    assert (state(periodic)["generator_steps"], state(periodic)["critic_steps"]) != (2, 4)
+
+
 def test_an_explicit_logger_wins_over_default_root_dir(tmp_path):
     main(["fit", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path / "root"), "--trainer.max_steps", "1",
           "--trainer.logger.init_args.save_dir", str(tmp_path / "mine"), "--trainer.enable_checkpointing", "false",

@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from sfvideo.reproduce import PARADIGMS, ReproduceConfig, accumulation, bootstrap_mean, snapshot_steps
+from sfvideo.reproduce import (
+    PARADIGMS,
+    ReproduceConfig,
+    StageRecords,
+    accumulation,
+    bootstrap_mean,
+    run_fingerprint,
+    snapshot_steps,
+)
 from sfvideo.training.networks import asset_path
 
 needs_teacher = pytest.mark.skipif(asset_path("toy_teacher") is None, reason="toy teacher asset not built")
@@ -38,6 +46,29 @@ def test_config_errors_are_one_line():
         ReproduceConfig(**base, num_frames=4, frames_per_chunk=(3, 1))
 
 
+def test_stage_records_reuse_only_matching_finished_stages(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "w.bin").write_bytes(b"abc")
+    base = dict(generator_updates=1, batch_size=1, ode_steps=1, num_prompts=1, seeds=(0,), extrapolation_factors=(2,),
+                extrapolation_prompts=1, snapshots=1, num_bootstrap=1, num_subsets=1, gap_frames=1)
+    fp = run_fingerprint(ReproduceConfig(**base), teacher)
+    assert fp != run_fingerprint(ReproduceConfig(**{**base, "generator_updates": 2}), teacher)
+    (teacher / "w.bin").write_bytes(b"abd")
+    assert fp != run_fingerprint(ReproduceConfig(**base), teacher)
+
+    out = tmp_path / "out"
+    StageRecords(out, fp, resume=True).save("sf_dmd_f3", {"horizon": {"x": [1.0, float("nan")]}})
+    loaded = StageRecords(out, fp, resume=True)
+    entry = loaded.load("sf_dmd_f3")
+    assert entry["horizon"]["x"][0] == 1.0 and loaded.reused == ["sf_dmd_f3"]
+    assert StageRecords(out, fp, resume=False).load("sf_dmd_f3") is None  # --fresh
+    assert StageRecords(out, "other", resume=True).load("sf_dmd_f3") is None  # another config or teacher
+    (out / "stages" / "tf_f3.json").write_text('{"fingerprint": ')  # not written by us: recomputed
+    assert StageRecords(out, fp, resume=True).load("tf_f3") is None
+    assert not list((out / "stages").glob("*.tmp*"))
+
+
 @needs_teacher
 def test_reproduce_quick_runs_every_paradigm_and_writes_the_report(tmp_path):
     from sfvideo.cli import main
@@ -66,3 +97,14 @@ def test_reproduce_quick_runs_every_paradigm_and_writes_the_report(tmp_path):
     assert (out / "figure6.png").stat().st_size > 0
     md = (out / "reproduction.md").read_text()
     assert "Smoke run" in md and "Self Forcing GAN" in md and "frame-wise" in md
+    assert report["resumed_stages"] == []
+
+    # Resume: an interrupted run (here: one stage's record lost) recomputes only what is missing.
+    (out / "stages" / "sf_gan_f1.json").unlink()
+    main(["reproduce", "--quick", "--out", str(out)])
+    again = json.loads((out / "reproduction.json").read_text())
+    stages = {p.stem for p in (out / "stages").glob("*.json")}
+    assert set(again["resumed_stages"]) == stages - {"sf_gan_f1"} and "teacher" in stages
+    reused, first = (json.dumps(r["results"]["3"]["Self Forcing DMD"]["horizon"]) for r in (again, report))
+    assert reused == first  # as text: NaN entries (undefined metrics) never compare equal as floats
+    assert set(again["results"]["1"]) == set(report["results"]["1"])

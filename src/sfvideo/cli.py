@@ -261,11 +261,14 @@ class SFVideoCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         from lightning.pytorch.callbacks import RichProgressBar
 
-        from sfvideo.training.callbacks import GeneratorStepProgressBar
+        from sfvideo.training.callbacks import FinalLastCheckpoint, GeneratorStepProgressBar
 
         bar = trainer.progress_bar_callback
         if type(bar) is RichProgressBar and hasattr(self.model, "generator_steps"):
             trainer.callbacks[trainer.callbacks.index(bar)] = GeneratorStepProgressBar()
+        if trainer.checkpoint_callbacks and not any(isinstance(c, FinalLastCheckpoint) for c in trainer.callbacks):
+            # Before the checkpoint callbacks (Lightning runs them last): last.ckpt is the final state.
+            trainer.callbacks.insert(0, FinalLastCheckpoint())
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:

@@ -33,6 +33,7 @@ every stage for a few steps; what the test suite runs).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -272,6 +273,46 @@ def _run_fit(cfg: ReproduceConfig, config_file: str, runs: Path, name: str, extr
     if not found:
         raise RuntimeError(f"stage {name}: no checkpoint written under {runs / name}")
     return found[-1]
+
+
+
+def run_fingerprint(cfg: ReproduceConfig, teacher: Path) -> str:
+    """What a finished stage's results depend on: the run config and the teacher's files (names and bytes).
+
+    A rerun into the same ``--out`` reuses a stage whose record carries the same fingerprint and recomputes the
+    rest, so an interrupted run resumes at the stage it was in; any change of budget or teacher starts over.
+    """
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    for f in sorted(p for p in Path(teacher).rglob("*") if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class StageRecords:
+    """Per-stage results under ``<out>/stages/<name>.json`` (written atomically once a stage is evaluated)."""
+
+    def __init__(self, out: Path, fingerprint: str, *, resume: bool) -> None:
+        self.folder, self.fingerprint, self.resume = out / "stages", fingerprint, resume
+        self.reused: list[str] = []
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        path = self.folder / f"{name}.json"
+        if not self.resume or not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # not ours (records are written atomically): recompute it
+        if record.get("fingerprint") != self.fingerprint:
+            return None
+        self.reused.append(name)
+        print(f"reproduce: reusing stage {name} ({path}; same config and teacher)", flush=True)
+        return record["entry"]
+
+    def save(self, name: str, entry: dict[str, Any]) -> None:
+        with AtomicFile(self.folder / f"{name}.json", make_parents=True) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "entry": entry}, default=str) + "\n")
 
 
 def snapshot_steps(total: int, count: int) -> list[int]:
@@ -672,8 +713,12 @@ def _machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), torch threads {threads}, {gpu}, torch {torch.__version__}"
 
 
-def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[str, Any]:
-    """Train and evaluate everything ``cfg`` asks for; write the report into ``out``; return it."""
+def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str, resume: bool = True) -> dict[str, Any]:
+    """Train and evaluate everything ``cfg`` asks for; write the report into ``out``; return it.
+
+    With ``resume``, stages already finished in ``out`` by a run of the same config and teacher are reused
+    (:class:`StageRecords`); the report lists them under ``resumed_stages``.
+    """
     from sfvideo.checkpoints import read_checkpoint
     from sfvideo.export import export_checkpoint
     from sfvideo.training.networks import asset_path
@@ -688,6 +733,7 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
     clip_frames = cfg.num_frames or record.settings.geometry.num_frames
     pixel_frames = record.build_codec().num_pixel_frames(clip_frames)
     evaluator = Evaluator(cfg, pixel_frames)
+    records = StageRecords(out, run_fingerprint(cfg, teacher), resume=resume)
     from sfvideo.metrics.toy import FRAME_METRICS
 
     report: dict[str, Any] = {
@@ -702,8 +748,12 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
         "results": {},
     }
     banner("teacher (reference)")
-    teacher_engine, _ = evaluation_engine(teacher, sampling_steps=cfg.sampling_steps, num_frames=clip_frames)
-    teacher_entry = {"horizon": evaluator.horizon(teacher_engine), "kind": "teacher"}
+    teacher_entry = records.load("teacher")
+    if teacher_entry is None:
+        teacher_engine, _ = evaluation_engine(teacher, sampling_steps=cfg.sampling_steps, num_frames=clip_frames)
+        teacher_entry = {"horizon": evaluator.horizon(teacher_engine), "kind": "teacher"}
+        records.save("teacher", teacher_entry)
+        del teacher_engine
     needs_ode = any(PARADIGMS[p].kind == "distillation" for p in cfg.paradigms)
     for fpc in cfg.frames_per_chunk:
         results: dict[str, Any] = {TEACHER_LABEL: teacher_entry}
@@ -712,6 +762,13 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
             (k, PARADIGMS[k]) for k in cfg.paradigms]
         for key, paradigm in stages:
             banner(f"{_chunking(fpc)}: {paradigm.label} ({paradigm.config})")
+            name = f"{key}_f{fpc}"
+            entry = records.load(name)
+            if entry is not None and (paradigm.kind != "ode" or Path(entry["export"]).is_dir()):
+                if paradigm.kind == "ode":
+                    ode_dir = Path(entry["export"])
+                results[paradigm.label] = entry
+                continue
             trained = train_stage(cfg, out, key, paradigm, fpc, clip_frames, pixel_frames, ode_dir)
             if paradigm.kind == "ode":
                 ode_dir = export_checkpoint(trained["checkpoint"], out / "exports" / f"ode_f{fpc}", overwrite=True)
@@ -727,11 +784,15 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str) -> dict[s
                      **evaluator.snapshot(s["path"], cfg.sampling_steps)} for s in clock["snapshots"]
                 ] + [{"generator_steps": clock["generator_updates"], "seconds": clock["train_seconds"], "ema": ema,
                       **entry["horizon"]["train"]["per_seed"][0]}]
+            if paradigm.kind == "ode":
+                entry["export"] = str(ode_dir)
+            records.save(name, entry)
             results[paradigm.label] = entry
         report["results"][str(fpc)] = results
         plot_accumulation(results, fpc, out / f"accumulation_f{fpc}.png", tuple(report["curve_metrics"]))
         plot_extrapolation(results, fpc, out / f"extrapolation_f{fpc}.png")
-    report["total_minutes"] = (time.perf_counter() - start) / 60
+    report["total_minutes"] = (time.perf_counter() - start) / 60  # this invocation's (see resumed_stages)
+    report["resumed_stages"] = records.reused
     plot_figure6(report, out / "figure6.png")
     with AtomicFile(out / "reproduction.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
@@ -751,13 +812,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="run config (default: configs/toy/reproduce.yaml, or reproduce_quick.yaml with --quick)")
     p.add_argument("--quick", action="store_true", help="every stage for a few steps (a smoke run, as the tests do)")
     p.add_argument("--out", default="lightning_logs/reproduce", help="folder for runs, report, plots and JSON")
+    p.add_argument("--fresh", action="store_true",
+                   help="recompute every stage (default: reuse the stages a run of the same config and teacher "
+                        "already finished in --out, i.e. resume an interrupted run)")
     args = p.parse_args(argv)
     config = args.config or config_path("reproduce_quick.yaml" if args.quick else "reproduce.yaml")
     cfg = load_config(config)
     command = "sfvideo reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     status = QUICK_STATUS if args.quick else FULL_STATUS if args.config is None else CUSTOM_STATUS.format(
         config=args.config)
-    report = run(cfg, Path(args.out), command=command.strip(), status=status)
+    report = run(cfg, Path(args.out), command=command.strip(), status=status, resume=not args.fresh)
     print(f"\nreport: {Path(args.out) / 'reproduction.md'}  ({report['total_minutes']:.1f} min)")
 
 

@@ -120,6 +120,25 @@ class SampleEvaluator(L.Callback):
         log_sample_videos(trainer, video)
 
 
+class FinalLastCheckpoint(L.Callback):
+    """Writes ``last.ckpt`` at the end of training when the final step was not saved.
+
+    Lightning 2.6's ``ModelCheckpoint(save_last=True, every_n_train_steps=K)`` refreshes ``last.ckpt`` only when it
+    saves at a multiple of ``K`` (and at the end only if it never saved at all): a 120-step run with ``K = 100`` ends
+    with ``last.ckpt`` at step 100, and what ``export``, ``--ckpt_path last``, the demo and ``reproduce`` read is 20
+    steps stale. ``sfvideo fit`` adds this callback; it saves every such ``ModelCheckpoint``'s last checkpoint once
+    more when training ends at a step none of them saved. An interrupted run is not "ended": its last checkpoint
+    stays the last periodic one, which is what an exact resume needs.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if trainer.fast_dev_run:
+            return
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "save_last", False) and cb._last_global_step_saved != trainer.global_step:
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+
+
 class GeneratorStepProgressBar(RichProgressBar):
     """The training bar of the distillation modules in generator updates: ``generator steps 3/10`` against the
     run's limit (``--trainer.max_steps`` / ``max_generator_steps``, see ``Distillation.generator_step_limit``),
