@@ -275,7 +275,6 @@ def _run_fit(cfg: ReproduceConfig, config_file: str, runs: Path, name: str, extr
     return found[-1]
 
 
-
 def run_fingerprint(cfg: ReproduceConfig, teacher: Path) -> str:
     """What a finished stage's results depend on: the run config and the teacher's files (names and bytes).
 
