@@ -173,3 +173,30 @@ def test_bench_gpu_without_cuda_says_so(tmp_path, capsys):
     assert e.value.code == 0
     assert "needs a CUDA GPU" in capsys.readouterr().out
     assert not (tmp_path / "g.json").exists()
+
+
+def test_report_renders_every_section_of_a_saved_result(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["generate", "--quick", "--json", str(out), "--chunks", "2", "--baseline_steps", "2",
+                "--decoders", "none,wan-narrow:8", "--multiples", "2"])
+    data = json.loads(out.read_text())
+    capsys.readouterr()
+    bench.main(["report", str(out), "--markdown"])
+    md = capsys.readouterr().out
+    # One pipe table per section, with one row per streaming run; the numbers are the JSON's.
+    assert md.count("|---|---|") == 4
+    for r in data["streaming"]:
+        assert f"| {r['fps']:.1f} |" in md and f"| {r['first_chunk_s']:.3f} |" in md
+    assert f"| {data['rolling_vs_recompute']['2x']['speedup']:.2f}x |" in md
+    assert f"last/first {data['per_chunk']['last_first_ratio']:.3f}" in md
+    bench.main(["report", str(out)])  # terminal tables from the same lines
+    assert "Where the time goes" in capsys.readouterr().out
+
+
+def test_report_names_the_file_on_bad_input(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("{\"a\": 1}")
+    with pytest.raises(SystemExit, match=r"x.json: not a result"):
+        bench.main(["report", str(bad)])
+    with pytest.raises(SystemExit, match=r"missing.json: no such file"):
+        bench.main(["report", str(tmp_path / "missing.json")])

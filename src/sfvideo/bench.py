@@ -931,93 +931,134 @@ def _overlap(row: dict[str, Any]) -> str:
     return "-" if row["decoder"] == "none" or row["overlap"] is None else "on" if row["overlap"] else "off"
 
 
-def print_table(results: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+@dataclass(frozen=True)
+class ReportTable:
+    """One table of a bench report: what ``print_table`` shows in the terminal and ``markdown_report`` in docs."""
 
-    console = Console() if sys.stdout.isatty() else Console(width=140)
-    model, feats = results.get("model", {}), results.get("features", {})
-    console.print(f"[bold]{results.get('preset', '')}[/]: {model.get('flavor')} transformer "
-                  f"({model.get('params', 0) / 1e6:.2f}M params, {model.get('layers')} layers), latent "
-                  f"{'x'.join(map(str, model.get('latent', [])))} = {'x'.join(map(str, model.get('pixels', [])))} "
-                  f"pixels, {model.get('latent_frames')} latent = {model.get('pixel_frames')} pixel frames; "
-                  f"machine {results.get('machine', {}).get('gpu') or results.get('machine', {}).get('processor')}")
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+def report(results: dict[str, Any]) -> list[str | ReportTable]:
+    """The report of a bench result (the JSON ``sfvideo bench generate`` writes) as lines and tables, in order.
+
+    One formatting for the terminal (``print_table``) and for docs (``markdown_report``, ``sfvideo bench report
+    FILE --markdown``), so the tables in docs/benchmarks.md are generated from the JSON, not copied by hand.
+    """
+    out: list[str | ReportTable] = []
+    model, feats, machine = results.get("model", {}), results.get("features", {}), results.get("machine", {})
+    out.append(f"{results.get('preset', '')}: {model.get('flavor')} transformer "
+               f"({model.get('params', 0) / 1e6:.2f}M params, {model.get('layers')} layers), latent "
+               f"{'x'.join(map(str, model.get('latent', [])))} = {'x'.join(map(str, model.get('pixels', [])))} "
+               f"pixels, {model.get('latent_frames')} latent = {model.get('pixel_frames')} pixel frames; "
+               f"machine {machine.get('gpu') or machine.get('processor') or machine.get('platform')}, "
+               f"{machine.get('cpu_count')} CPUs, {machine.get('torch_threads')} torch threads, torch "
+               f"{machine.get('torch')}; {results.get('date')}; `{results.get('command')}`")
     attention = feats.get("attention", {})
-    console.print(f"torch.compile {feats.get('compile')} | CUDA graphs {feats.get('cuda_graphs')} | flash attention "
-                  f"{attention.get('flash')} (flash-attn package: {attention.get('flash_attn')})")
+    out.append(f"torch.compile {feats.get('compile')} | CUDA graphs {feats.get('cuda_graphs')} | flash attention "
+               f"{attention.get('flash')} (flash-attn package: {attention.get('flash_attn')})")
     for spec, d in results.get("decoders", {}).items():
-        console.print(f"decoder {spec}: {d['label']}, {d['decoder_params'] / 1e6:.1f}M decoder params, "
-                      f"{_s(d['gflop_per_latent_frame'], 1)} GFLOP per latent frame")
+        out.append(f"decoder {spec}: {d['label']}, {d['decoder_params'] / 1e6:.3g}M decoder params, "
+                   f"{_s(d['gflop_per_latent_frame'], 1)} GFLOP per latent frame")
     rows = results.get("streaming", [])
     if rows:
-        t = Table(title="Streaming (sfvideo engine): first-chunk latency and throughput")
-        for col in ("decoder", "overlap", "first chunk (s)", "total (s)", "FPS", "transformer (s)", "decode (s)",
-                    "bound FPS", "of bound"):
-            t.add_column(col, justify="right")
-        for r in rows:
-            bound = r.get("bound") or {}
-            t.add_row(r["decoder"], _overlap(r), _s(r["first_chunk_s"], 3), _s(r["wall_s"]), _s(r["fps"], 1),
-                      _s(r["transformer_s"]), _s(r["decode_s"]), _s(bound.get("bound_fps"), 1),
-                      _s(bound.get("fraction_of_bound"), 2))
-        console.print(t)
+        out.append(ReportTable(
+            "Streaming (sfvideo engine): first-chunk latency and throughput",
+            ("decoder", "overlap", "first chunk (s)", "total (s)", "FPS", "transformer (s)", "decode (s)",
+             "bound FPS", "of bound"),
+            tuple((r["decoder"], _overlap(r), _s(r["first_chunk_s"], 3), _s(r["wall_s"]), _s(r["fps"], 1),
+                   _s(r["transformer_s"]), _s(r["decode_s"]), _s((r.get("bound") or {}).get("bound_fps"), 1),
+                   _s((r.get("bound") or {}).get("fraction_of_bound"), 2)) for r in rows)))
         peak = results.get("device_peak_tflops")
-        t = Table(title="Where the time goes: mean per chunk (ms), forwards per chunk, achieved FLOP/s")
-        cols = ["decoder", "overlap", "call", "denoise", "refresh", "decode", "waited", "host", "forwards",
-                "transformer TFLOP/s"] + (["% of peak"] if peak else []) + ["decoder TFLOP/s"]
-        for col in cols:
-            t.add_column(col, justify="right")
-        for r in rows:
+
+        def where(r: dict[str, Any]) -> tuple[str, ...]:
             b, n = r["breakdown"], max(1, r["chunks"])
-            frac = r.get("transformer_peak_fraction")
-            dec = r.get("decoder_flops_per_s")
-            t.add_row(r["decoder"], _overlap(r), *(_s(1e3 * b[k] / n, 1) for k in ("wall_s", "denoise_s",
-                      "refresh_s", "decode_s", "decode_wait_s", "host_s")), _s(r["forwards"] / n, 1),
-                      _s((r["transformer_flops_per_s"] or 0) / 1e12, 4),
-                      *([_s(100 * frac, 1) if frac else "-"] if peak else []), _s(dec / 1e12 if dec else None, 4))
-        console.print(t)
+            frac, dec = r.get("transformer_peak_fraction"), r.get("decoder_flops_per_s")
+            return (r["decoder"], _overlap(r), *(_s(1e3 * b[k] / n, 1) for k in (
+                "wall_s", "denoise_s", "refresh_s", "decode_s", "decode_wait_s", "host_s")),
+                _s(r["forwards"] / n, 1), _s((r["transformer_flops_per_s"] or 0) / 1e12, 4),
+                *([_s(100 * frac, 1) if frac else "-"] if peak else []), _s(dec / 1e12 if dec else None, 4))
+
+        out.append(ReportTable(
+            "Where the time goes: mean per chunk (ms), forwards per chunk, achieved FLOP/s",
+            ("decoder", "overlap", "call", "denoise", "refresh", "decode", "waited", "host", "forwards",
+             "transformer TFLOP/s", *(["% of peak"] if peak else []), "decoder TFLOP/s"),
+            tuple(where(r) for r in rows)))
     d = results.get("diffusers")
     if d:
         run = d["run"]
-        t = Table(title=f"vs diffusers WanPipeline ({run['steps']} steps, CFG {run['guidance_scale']}, decode with "
-                        f"{d['decoder']}): first frame {run['first_frame_s']:.2f} s, {run['fps']:.3f} FPS "
-                        f"(transformer {run['transformer_s']:.1f} s, decode {run['decode_s']:.1f} s)")
-        for col in ("sfvideo decoder", "overlap", "throughput ratio", "first-frame latency ratio"):
-            t.add_column(col, justify="right")
-        for r in d["ratios"]:
-            t.add_row(r["decoder"], _overlap(r), f"{r['throughput_ratio']:.1f}x", f"{r['latency_ratio']:.1f}x")
-        console.print(t)
+        out.append(ReportTable(
+            f"vs diffusers WanPipeline ({run['steps']} steps, CFG {run['guidance_scale']}, decode with "
+            f"{d['decoder']}): first frame {run['first_frame_s']:.2f} s, {run['fps']:.3f} FPS (transformer "
+            f"{run['transformer_s']:.1f} s, decode {run['decode_s']:.1f} s)",
+            ("sfvideo decoder", "overlap", "throughput ratio", "first-frame latency ratio"),
+            tuple((r["decoder"], _overlap(r), f"{r['throughput_ratio']:.1f}x", f"{r['latency_ratio']:.1f}x")
+                  for r in d["ratios"])))
         if "transformer_throughput_ratio" in d:
-            console.print(f"transformer only: throughput {d['transformer_throughput_ratio']:.1f}x, latency "
-                          f"{d['transformer_latency_ratio']:.1f}x (paper, H100: 22x, 149x end to end); weight "
-                          f"parity max |diff| {d['parity_max_abs']:.2e}")
+            out.append(f"transformer only: throughput {d['transformer_throughput_ratio']:.1f}x, latency "
+                       f"{d['transformer_latency_ratio']:.1f}x (paper, H100: 22x, 149x end to end); weight "
+                       f"parity max |diff| {d['parity_max_abs']:.2e}")
     if results.get("ablation"):
-        t = Table(title="Transformer only: the effect of each speed-up")
-        for col in ("configuration", "first chunk (s)", "FPS", "TFLOP/s"):
-            t.add_column(col, justify="right")
-        for r in results["ablation"]:
-            t.add_row(r["name"], _s(r["first_chunk_s"], 3), _s(r["fps"], 1),
-                      _s((r["transformer_flops_per_s"] or 0) / 1e12, 3))
-        console.print(t)
+        out.append(ReportTable(
+            "Transformer only: the effect of each speed-up", ("configuration", "first chunk (s)", "FPS", "TFLOP/s"),
+            tuple((r["name"], _s(r["first_chunk_s"], 3), _s(r["fps"], 1),
+                   _s((r["transformer_flops_per_s"] or 0) / 1e12, 3)) for r in results["ablation"])))
     if results.get("rolling_vs_recompute"):
         rv = results["rolling_vs_recompute"]
         size = "x".join(map(str, next(iter(rv.values()))["latent_size"]))
-        t = Table(title=f"Rolling KV cache vs recomputing the window every chunk (transformer only, latent {size})")
-        for col in ("length", "latent frames", "rolling (s)", "recompute (s)", "speed-up", "FLOP bound",
-                    "linear-FLOP bound"):
-            t.add_column(col, justify="right")
-        for k, r in rv.items():
-            t.add_row(k, str(r["latent_frames"]), _s(r["rolling_s"]), _s(r["recompute_s"]), f"{r['speedup']:.2f}x",
-                      f"{r['flop_bound']:.2f}x", f"{r['linear_bound']:.2f}x")
-        console.print(t)
+        out.append(ReportTable(
+            f"Rolling KV cache vs recomputing the window every chunk (transformer only, latent {size})",
+            ("length", "latent frames", "rolling (s)", "recompute (s)", "speed-up", "FLOP bound", "linear-FLOP bound"),
+            tuple((k, str(r["latent_frames"]), _s(r["rolling_s"]), _s(r["recompute_s"]), f"{r['speedup']:.2f}x",
+                   f"{r['flop_bound']:.2f}x", f"{r['linear_bound']:.2f}x") for k, r in rv.items())))
     p = results.get("per_chunk")
     if p and "steady_median_s" in p:
-        console.print(f"per-chunk time, {p['steady_chunks']} chunks after the window fill ({p['fill_chunks']} "
-                      f"chunks): median {p['steady_median_s'] * 1e3:.1f} ms, last/first {p['last_first_ratio']:.3f}, "
-                      f"spread of {len(p['block_medians_s'])} block medians {100 * p['block_spread']:.1f}%, max "
-                      f"deviation {100 * p['max_deviation']:.1f}%; fill: "
-                      + ", ".join(f"{x * 1e3:.0f}" for x in p["fill_s"]) + " ms")
+        out.append(f"per-chunk time, {p['steady_chunks']} chunks after the window fill ({p['fill_chunks']} "
+                   f"chunks): median {p['steady_median_s'] * 1e3:.1f} ms, last/first {p['last_first_ratio']:.3f}, "
+                   f"spread of {len(p['block_medians_s'])} block medians {100 * p['block_spread']:.1f}%, max "
+                   f"deviation {100 * p['max_deviation']:.1f}%; fill: "
+                   + ", ".join(f"{x * 1e3:.0f}" for x in p["fill_s"]) + " ms")
     if results.get("skipped"):
-        console.print(f"[yellow]skipped (time budget)[/]: {', '.join(results['skipped'])}")
+        out.append(f"skipped (time budget): {', '.join(results['skipped'])}")
+    if results.get("errors"):
+        out.append(f"errors: {results['errors']}")
+    if results.get("partial"):
+        out.append("partial result: the run was interrupted or is still running")
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    for item in report(results):
+        if isinstance(item, str):
+            console.print(escape(item))
+            continue
+        t = Table(title=escape(item.title))
+        for col in item.columns:
+            t.add_column(escape(col), justify="right")
+        for row in item.rows:
+            t.add_row(*map(escape, row))
+        console.print(t)
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    """The report as Markdown: lines as paragraphs, tables as pipe tables (numeric columns right-aligned)."""
+    parts = []
+    for item in report(results):
+        if isinstance(item, str):
+            parts.append(item)
+            continue
+        cell = lambda s: s.replace("|", "\\|")  # noqa: E731
+        lines = [f"**{item.title}**", "", "| " + " | ".join(map(cell, item.columns)) + " |",
+                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(item.columns))) + "|"]
+        lines += ["| " + " | ".join(map(cell, row)) + " |" for row in item.rows]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
 
 
 # ------------------------------------------------------------------ CLI
@@ -1053,7 +1094,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--multiples", default=None, help="Comma-separated lengths of the rolling section (e.g. 4,8).")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     g.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("report", help="Print the tables of a saved bench JSON (Markdown with --markdown).",
+                       description="Print the tables of a JSON written by `sfvideo bench generate`; --markdown "
+                                   "gives the pipe tables that docs/benchmarks.md quotes.")
+    r.add_argument("json", help="A JSON file written by `sfvideo bench generate`.")
+    r.add_argument("--markdown", action="store_true", help="Markdown instead of terminal tables.")
     return p
+
+
+def _report_main(args: argparse.Namespace) -> dict[str, Any]:
+    path = Path(args.json)
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{PROG} report: error: {path}: no such file")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{PROG} report: error: {path}: not JSON ({e})")
+    if not isinstance(results, dict) or "config" not in results:
+        raise SystemExit(f"{PROG} report: error: {path}: not a result of `sfvideo bench generate` (no 'config' key)")
+    try:
+        if args.markdown:
+            print(markdown_report(results), end="")
+        else:
+            print_table(results)
+    except (KeyError, TypeError) as e:
+        raise SystemExit(f"{PROG} report: error: {path}: malformed bench result (missing or bad {e})")
+    return results
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[str, BenchConfig]:
@@ -1089,6 +1155,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[str, BenchConfig]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return _report_main(args)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise SystemExit(f"{PROG}: error: --out {out}: folder {out.parent} does not exist")

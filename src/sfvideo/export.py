@@ -40,6 +40,11 @@ def export_checkpoint(
     extra = {}
     if checkpoint.record is not None:
         record = {**{k: checkpoint.record.get(k) for k in RECORD_FIELDS}, "network": name}
+        # Which state this is: a run's last.ckpt is not always its final step (and an EMA export is not the
+        # trained weights), so the folder says where it came from.
+        contents = checkpoint.contents or {}
+        record["source"] = {"checkpoint": Path(ckpt).name, "epoch": contents.get("epoch"),
+                            "global_step": contents.get("global_step"), "ema": ema}
         extra[RECORD_FILE] = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
     return export_diffusers(model, out, overwrite=overwrite, extra_files=extra)
 

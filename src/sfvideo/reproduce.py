@@ -590,22 +590,27 @@ def plot_figure6(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     names, secs, mems = [], [], []
     for fpc, results in report["results"].items():
         for label, entry in results.items():
             clock = entry.get("training")
             if not clock:
                 continue
-            names.append(f"{label}\n{_chunking(int(fpc))}")
+            names.append(f"{label}, {_chunking(int(fpc))}")
             secs.append(clock["seconds_per_generator_update"])
             mems.append(clock["peak_memory_mb"])
-    y = range(len(names))
-    axes[0].barh(list(y), secs)
-    axes[0].set_yticks(list(y), names, fontsize=6)
+    # One colour per paradigm (the same in both chunkings), solid chunk-wise, dashed frame-wise.
+    labels = list(dict.fromkeys(label for results in report["results"].values() for label in results))
+    colours = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, 3, figsize=(17, max(4.0, 0.22 * len(names) + 1.2)),
+                             gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    y = list(range(len(names)))[::-1]  # first paradigm at the top
+    bar_colours = [colours[n.rsplit(", ", 1)[0]] for n in names]
+    axes[0].barh(y, secs, color=bar_colours)
+    axes[0].set_yticks(y, names, fontsize=7)
     axes[0].set_xlabel("seconds per generator update")
-    axes[1].barh(list(y), mems)
-    axes[1].set_yticks(list(y), [""] * len(names))
+    axes[1].barh(y, mems, color=bar_colours)
+    axes[1].set_yticks(y, [""] * len(names))
     axes[1].set_xlabel("peak memory (MiB)")
     for fpc, results in report["results"].items():
         for label, entry in results.items():
@@ -613,10 +618,10 @@ def plot_figure6(report: dict[str, Any], path: Path) -> None:
             if curve:
                 style = "-" if int(fpc) > 1 else "--"
                 axes[2].plot([c["seconds"] for c in curve], [c["fd_ratio"] for c in curve], style, marker="o",
-                             ms=3, label=f"{label}, {_chunking(int(fpc))}")
+                             ms=3, color=colours[label], label=f"{label}, {_chunking(int(fpc))}")
     axes[2].set_xlabel("training wall-clock (s)")
     axes[2].set_ylabel("FD/real (training prompts, first seed)")
-    axes[2].legend(fontsize=6)
+    axes[2].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle("Figure 6 at toy scale: cost per update and peak memory (left), quality vs training time (right)")
     fig.tight_layout()
     with AtomicFile(path) as tmp:  # never a half-written plot

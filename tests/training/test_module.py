@@ -1,5 +1,6 @@
 """SelfForcingDMD through the real CLI entry point, resume, and the rollout's gradient paths on a real model."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,9 @@ def test_export_generator_and_ema_as_diffusers_folder(tmp_path):
     state = torch.load(ckpt, weights_only=False, map_location="cpu")
     plain = WanTransformer.from_pretrained(export_checkpoint(ckpt, tmp_path / "gen"))
     ema = WanTransformer3DModel.from_pretrained(export_checkpoint(ckpt, tmp_path / "ema", ema=True))
+    source = json.loads((tmp_path / "ema" / "sfvideo.json").read_text())["source"]
+    assert source == {"checkpoint": "last.ckpt", "epoch": state["epoch"], "global_step": state["global_step"],
+                      "ema": True} and state["global_step"] > 0
     for name, p in plain.named_parameters():
         torch.testing.assert_close(p, state["state_dict"]["generator." + name], rtol=0, atol=0)
     ema_params = dict(ema.named_parameters())
