@@ -906,10 +906,31 @@ def flatness(times: list[float], fill: int, *, window: int, latent: list[int], b
     return out
 
 
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model and the instruction sets oneDNN's kernels depend on (timings differ across them: bf16 is
+    fast only with AMX or AVX512-BF16)."""
+    info: dict[str, Any] = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return info
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if not key.strip():
+            break  # the first processor's block is enough
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    family = f"(family {fields['cpu family']}, model {fields.get('model', '?')})" if "cpu family" in fields else ""
+    info["cpu"] = " ".join(filter(None, (fields.get("model name"), family)))
+    info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2")))
+    return info
+
+
 def machine_info(device: str) -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": device}
+            "device": device, **cpu_info()}
     try:
         import diffusers
 
@@ -948,11 +969,13 @@ def report(results: dict[str, Any]) -> list[str | ReportTable]:
     """
     out: list[str | ReportTable] = []
     model, feats, machine = results.get("model", {}), results.get("features", {}), results.get("machine", {})
+    isa = "; ".join(filter(None, (machine.get("cpu_capability"), " ".join(machine.get("cpu_flags", []))))) or (
+        "instruction set not recorded")
     out.append(f"{results.get('preset', '')}: {model.get('flavor')} transformer "
                f"({model.get('params', 0) / 1e6:.2f}M params, {model.get('layers')} layers), latent "
                f"{'x'.join(map(str, model.get('latent', [])))} = {'x'.join(map(str, model.get('pixels', [])))} "
                f"pixels, {model.get('latent_frames')} latent = {model.get('pixel_frames')} pixel frames; "
-               f"machine {machine.get('gpu') or machine.get('processor') or machine.get('platform')}, "
+               f"machine {machine.get('gpu') or machine.get('cpu') or machine.get('processor') or '?'} ({isa}), "
                f"{machine.get('cpu_count')} CPUs, {machine.get('torch_threads')} torch threads, torch "
                f"{machine.get('torch')}; {results.get('date')}; `{results.get('command')}`")
     attention = feats.get("attention", {})
