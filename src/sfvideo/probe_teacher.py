@@ -8,7 +8,11 @@ Three readings of one checkpoint (a Lightning checkpoint of ``configs/toy/teache
    estimate per ``sigma``. High noise is where layout and motion are decided, and this reading moves long before
    the sample metrics do;
 3. **order probe**: the flow-matching loss on real clips in order and with their frames shuffled (same noise).
-   A model that uses the order of frames has a clearly lower in-order loss; one that pools frames does not.
+   A model that uses the order of frames has a clearly lower in-order loss; one that pools frames does not;
+4. **context probe**: how much the estimate of one frame gains from the other frames of its clip: its error
+   against the truth with the clip's own (equally noisy) frames around it, with the frames of another scene of the
+   same prompt around it, and alone. A model that generates frames independently has equal errors; one whose
+   samples keep one object on one path must do clearly better with its own context at high noise.
 
 Writes a JSON with all three (``--json``) and prints a table.
 """
@@ -68,6 +72,41 @@ def order_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed: i
     return losses
 
 
+def context_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed: int) -> dict[str, dict[str, float]]:
+    """Relative L2 error of the one-step estimate of the middle frame of real clips (scene seeds 30000+i) against
+    the clean frame, per ``sigma``: ``own`` (the clip's other frames as context), ``other`` (the other frames of a
+    second scene of the same prompt, seeds 50000+i, noised alike) and ``alone`` (a one-frame clip); ``gain =
+    other / own - 1`` (0: the context is ignored)."""
+    from sfvideo.toy.world import render_batch
+
+    n = len(prompts)
+    encode = engine.decoder.encode
+    own = encode(render_batch(prompts, [30_000 + i for i in range(n)])).to(device=engine.device, dtype=engine.dtype)
+    other = encode(render_batch(prompts, [50_000 + i for i in range(n)])).to(device=engine.device, dtype=engine.dtype)
+    k = own.shape[1] // 2
+    cond = engine.encode(prompts)
+    g = torch.Generator(device=engine.device).manual_seed(seed)
+    noise = torch.randn(own.shape, generator=g, device=engine.device, dtype=own.dtype)
+    noise_other = torch.randn(own.shape, generator=g, device=engine.device, dtype=own.dtype)
+    truth = own[:, k]
+
+    def error(est: torch.Tensor) -> float:
+        return float((est - truth).norm() / truth.norm())
+
+    out = {}
+    with torch.no_grad():
+        for sigma in sigmas:
+            x = add_noise(own, noise, sigma)
+            y = add_noise(other, noise_other, sigma)
+            y[:, k] = x[:, k]  # same noisy frame k, foreign context
+            r = {"own": error(engine.denoiser(x, sigma, cond)[:, k]),
+                 "other": error(engine.denoiser(y, sigma, cond)[:, k]),
+                 "alone": error(engine.denoiser(x[:, k : k + 1], sigma, cond)[:, 0])}
+            r["gain"] = r["other"] / r["own"] - 1.0
+            out[f"{sigma:g}"] = r
+    return out
+
+
 def check_scores(engine: Any, *, num_eval: int, seed: int, features: Any = None) -> dict[str, float]:
     """The sample scores of a small, cheap evaluation on training prompts (recorded in the report as ``check``
     so that a test can re-run it on the shipped checkpoint and compare)."""
@@ -83,9 +122,10 @@ def check_scores(engine: Any, *, num_eval: int, seed: int, features: Any = None)
 
 
 def probe(ckpt: Any, *, num_eval: int, steps: int | None, use_ema: bool | None, seed: int,
-          sigmas: list[float], check: tuple[int, int] | None = None) -> dict[str, Any]:
+          sigmas: list[float], check: tuple[int, int] | None = None, samples: bool = True) -> dict[str, Any]:
     """Every reading of one teacher (a ``checkpoints.Checkpoint``); ``check = (N, STEPS)`` adds the small
-    evaluation the shipped teacher's test re-runs."""
+    evaluation the shipped teacher's test re-runs; ``samples=False`` skips the sampled videos (the slow part:
+    the probes alone are the early signals to read during training)."""
     from sfvideo.evaluation import evaluate_toy_engine, evaluation_engine, real_toy_features, toy_eval_prompts
     from sfvideo.toy.features import load_feature_encoder
 
@@ -95,12 +135,13 @@ def probe(ckpt: Any, *, num_eval: int, steps: int | None, use_ema: bool | None, 
     report: dict[str, Any] = {"checkpoint": str(ckpt.path), "ema": use_ema, "num_steps": settings.sampling.num_steps,
                               "samples": {}}
     splits = toy_eval_prompts(num_eval, seed)
-    for split, prompts in splits.items():
+    for split, prompts in splits.items() if samples else ():
         scores, _ = evaluate_toy_engine(engine, prompts, seed=seed, features=features,
                                         real=real_toy_features(prompts, features))
         report["samples"][split] = scores
     report["one_step"] = one_step_probe(engine, splits["train"], sigmas, seed=seed)
     report["order"] = order_probe(engine, splits["train"], sigmas, seed=seed)
+    report["context"] = context_probe(engine, splits["train"], sigmas, seed=seed)
     if check is not None:
         n, k = check
         small, _ = evaluation_engine(ckpt, sampling_steps=k, use_ema=use_ema)  # a second engine, same weights
@@ -126,6 +167,9 @@ def print_report(report: dict[str, Any]) -> None:
     Console(width=160).print(table)
     o = report["order"]
     print(f"order probe: ordered {o['ordered']:.4f}  shuffled {o['shuffled']:.4f}  gap {o['gap']:+.1%}")
+    for sigma, c in report.get("context", {}).items():
+        print(f"context probe at σ {sigma}: error of the middle frame with its own context {c['own']:.3f}, "
+              f"another scene's {c['other']:.3f}, alone {c['alone']:.3f}  (gain {c['gain']:+.1%})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no_ema", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--sigmas", default="0.5,0.7,0.85", help="noise levels of the probes, comma-separated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_samples", action="store_true",
+                   help="only the one-step, order and context probes (seconds instead of minutes)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--check", default=None, metavar="N,STEPS",
                    help="also record a small evaluation (N training prompts, STEPS sampler steps) that a test "
@@ -162,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     from sfvideo.checkpoints import read_checkpoint
 
     report = probe(read_checkpoint(args.checkpoint), use_ema=False if args.no_ema else None,
-                   num_eval=args.num_eval, steps=args.steps, seed=args.seed, sigmas=sigmas, check=check)
+                   num_eval=args.num_eval, steps=args.steps, seed=args.seed, sigmas=sigmas, check=check,
+                   samples=not args.no_samples)
     print_report(report)
     if args.json:
         with AtomicFile(args.json, make_parents=True) as tmp:

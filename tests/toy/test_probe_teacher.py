@@ -1,0 +1,37 @@
+"""The context probe of ``sfvideo probe-teacher`` reads what it claims, on denoisers whose answer is known."""
+
+from types import SimpleNamespace
+
+import torch
+
+from sfvideo.probe_teacher import context_probe
+from sfvideo.toy.encoders import ToyCodec
+from sfvideo.toy.world import train_prompts
+
+
+def engine(denoise):
+    return SimpleNamespace(decoder=ToyCodec(spatial_stride=4), device=torch.device("cpu"), dtype=torch.float32,
+                           encode=lambda prompts: None, denoiser=lambda x, sigma, cond: denoise(x, sigma))
+
+
+PROMPTS = train_prompts()[:3]
+SIGMAS = [0.5, 0.9]
+
+
+def test_a_denoiser_that_ignores_the_other_frames_gains_nothing_from_them():
+    # per frame: x0 = x / (1 - sigma) shrunk towards 0, a function of the frame alone
+    report = context_probe(engine(lambda x, s: (1 - s) * x), PROMPTS, SIGMAS, seed=0)
+    for r in report.values():
+        assert r["own"] == r["other"] == r["alone"]
+        assert r["gain"] == 0.0
+
+
+def test_a_denoiser_that_pools_its_clip_gains_from_its_own_context_only():
+    # x0 = the clip mean of x / (1 - sigma) in every frame: pooling T frames of the same scene divides the noise
+    # variance by ~T, a foreign scene's frames pull the estimate away, and alone it is the noisy frame itself
+    report = context_probe(engine(lambda x, s: x.mean(dim=1, keepdim=True).expand_as(x) / (1 - s)),
+                           PROMPTS, SIGMAS, seed=0)
+    for r in report.values():
+        assert r["own"] < r["other"] and r["own"] < r["alone"]
+        assert r["gain"] > 0
+    assert set(report) == {"0.5", "0.9"}
