@@ -152,3 +152,26 @@ def test_export_generator_and_ema_as_diffusers_folder(tmp_path):
 def test_validate_and_test_subcommands(tmp_path, subcommand):
     main([subcommand, "--config", DEBUG, "--trainer.logger.init_args.save_dir", str(tmp_path), *QUIET])
     assert list(tmp_path.glob("lightning_logs/version_*/events.out.tfevents.*"))
+
+
+def test_compile_blocks_callback_compiles_the_trained_networks_and_trains_the_same(tmp_path):
+    from types import SimpleNamespace
+
+    from sfvideo.training.callbacks import CompileBlocks
+
+    # dynamo with the eager backend: the wiring of the callback without code generation (seconds, not minutes)
+    spec = '{"class_path": "sfvideo.training.callbacks.CompileBlocks", "init_args": {"backend": "eager"}}'
+    _fit(tmp_path / "plain")
+    _fit(tmp_path / "compiled", f"--trainer.callbacks+={spec}")
+    plain, compiled = _last(tmp_path / "plain"), _last(tmp_path / "compiled")
+    assert plain["state_dict"].keys() == compiled["state_dict"].keys(), "compiling must not rename parameters"
+    for key, value in plain["state_dict"].items():
+        torch.testing.assert_close(compiled["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    module = SimpleNamespace(engine_modules=("generator", "critic"), generator=_tiny(), critic=_tiny(1))
+    callback = CompileBlocks(backend="eager")
+    callback.on_fit_start(None, module)
+    assert callback.compiled == ["generator", "critic"]
+    assert all(b._compiled_call_impl is not None for b in [*module.generator.blocks, *module.critic.blocks])
+    with pytest.raises(ValueError, match="trains no network"):
+        CompileBlocks().on_fit_start(None, SimpleNamespace(engine_modules=()))

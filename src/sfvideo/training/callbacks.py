@@ -1,6 +1,6 @@
 """Callbacks: periodic evaluation of the generator on a fixed prompt set, with samples people can look at; the
 progress bar of the distillation modules in generator steps; the training clock (time, peak memory and
-snapshots of a run, for ``sfvideo reproduce``)."""
+snapshots of a run, for ``sfvideo reproduce``); ``torch.compile`` of the trained networks' blocks."""
 
 from __future__ import annotations
 
@@ -137,6 +137,39 @@ class FinalLastCheckpoint(L.Callback):
         for cb in trainer.checkpoint_callbacks:
             if getattr(cb, "save_last", False) and cb._last_global_step_saved != trainer.global_step:
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+
+
+class CompileBlocks(L.Callback):
+    """``torch.compile`` every transformer block of the module's trained networks (``engine_modules``) before
+    training starts, applied from outside the model (``inference.graphs.compile_blocks``; each block compiles at
+    its first call, forward and backward).
+
+    Parameters and checkpoint keys are unchanged (``nn.Module.compile`` keeps the module), so a run with and without
+    it resume each other's checkpoints. Measured on the toy teacher (6 blocks, batch 16, one thread of the 2-core
+    Zen 4 machine, 2026-12-03): 1.28x per step in fp32 and 1.19x on top of bf16 autocast, after about 100 s of
+    compilation; a win on long runs only. Add it with ``--trainer.callbacks+=sfvideo.training.callbacks.CompileBlocks``.
+
+    Args:
+        backend: the ``torch.compile`` backend (``eager`` checks the wiring without code generation).
+        dynamic: compile for dynamic shapes (False: one graph per shape; training shapes are fixed).
+    """
+
+    def __init__(self, backend: str = "inductor", dynamic: bool = False) -> None:
+        super().__init__()
+        self.backend = backend
+        self.dynamic = dynamic
+        self.compiled: list[str] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        from sfvideo.inference.graphs import compile_blocks
+
+        for name in getattr(pl_module, "engine_modules", ()):
+            net = getattr(pl_module, name, None)
+            if net is not None and hasattr(net, "blocks"):
+                compile_blocks(net, dynamic=self.dynamic, backend=self.backend)
+                self.compiled.append(name)
+        if not self.compiled:
+            raise ValueError(f"CompileBlocks: {type(pl_module).__name__} trains no network with transformer blocks")
 
 
 class GeneratorStepProgressBar(RichProgressBar):
