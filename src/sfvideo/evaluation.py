@@ -54,6 +54,7 @@ def evaluation_engine(
     sampling_steps: int | None = None,
     num_frames: int | None = None,
     use_ema: bool | None = None,
+    guidance_scale: float | None = None,
 ) -> tuple[Any, bool]:
     """The inference engine that evaluates a checkpoint, and whether it runs EMA weights.
 
@@ -64,6 +65,8 @@ def evaluation_engine(
         num_frames: Clip length instead of the recorded one (extrapolation).
         use_ema: None = a Lightning checkpoint's EMA weights where it has them (an export's weights are what was
             exported); True / False forces the choice.
+        guidance_scale: Classifier-free guidance of a many-step sampler instead of the recorded one (in the recorded
+            ``guidance`` convention).
     """
     from dataclasses import replace
 
@@ -76,6 +79,10 @@ def evaluation_engine(
         raise ValueError(f"{ckpt.path} records no inference settings")
     if sampling_steps is not None and settings.sampler in ("euler", "causal_cfg"):
         settings = replace(settings, sampling=replace(settings.sampling, num_steps=sampling_steps))
+    if guidance_scale is not None:
+        if settings.sampler not in ("euler", "causal_cfg"):
+            raise ValueError(f"{ckpt.path}: guidance_scale applies to many-step samplers, not {settings.sampler!r}")
+        settings = replace(settings, sampling=replace(settings.sampling, guidance_scale=guidance_scale))
     if num_frames is not None and num_frames != settings.geometry.num_frames:
         settings = replace(settings, geometry=replace(settings.geometry, num_frames=num_frames))
     if use_ema is None:

@@ -122,18 +122,20 @@ def check_scores(engine: Any, *, num_eval: int, seed: int, features: Any = None)
 
 
 def probe(ckpt: Any, *, num_eval: int, steps: int | None, use_ema: bool | None, seed: int,
-          sigmas: list[float], check: tuple[int, int] | None = None, samples: bool = True) -> dict[str, Any]:
+          sigmas: list[float], check: tuple[int, int] | None = None, samples: bool = True,
+          guidance_scale: float | None = None) -> dict[str, Any]:
     """Every reading of one teacher (a ``checkpoints.Checkpoint``); ``check = (N, STEPS)`` adds the small
     evaluation the shipped teacher's test re-runs; ``samples=False`` skips the sampled videos (the slow part:
-    the probes alone are the early signals to read during training)."""
+    the probes alone are the early signals to read during training); ``guidance_scale`` replaces the recorded
+    one in the sampled videos (in the recorded convention)."""
     from sfvideo.evaluation import evaluate_toy_engine, evaluation_engine, real_toy_features, toy_eval_prompts
     from sfvideo.toy.features import load_feature_encoder
 
-    engine, use_ema = evaluation_engine(ckpt, sampling_steps=steps, use_ema=use_ema)
+    engine, use_ema = evaluation_engine(ckpt, sampling_steps=steps, use_ema=use_ema, guidance_scale=guidance_scale)
     settings = engine.settings
     features = load_feature_encoder()
     report: dict[str, Any] = {"checkpoint": str(ckpt.path), "ema": use_ema, "num_steps": settings.sampling.num_steps,
-                              "samples": {}}
+                              "guidance_scale": settings.sampling.guidance_scale, "samples": {}}
     splits = toy_eval_prompts(num_eval, seed)
     for split, prompts in splits.items() if samples else ():
         scores, _ = evaluate_toy_engine(engine, prompts, seed=seed, features=features,
@@ -156,7 +158,8 @@ def print_report(report: dict[str, Any]) -> None:
 
     from sfvideo.evaluation import METRIC_LABELS
 
-    table = Table(title=f"{report['checkpoint']} ({report['num_steps']} steps{', EMA' if report['ema'] else ''})")
+    table = Table(title=f"{report['checkpoint']} ({report['num_steps']} steps, guidance {report['guidance_scale']:g}"
+                        f"{', EMA' if report['ema'] else ''})")
     table.add_column("reading")
     for k in (*EXACT, "fd_ratio"):
         table.add_column(METRIC_LABELS[k], justify="right")
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_eval", type=int, default=16, help="prompts per split (train / held-out)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recorded ones)")
     p.add_argument("--no_ema", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance of the sampled videos (default: the recorded one, in its convention)")
     p.add_argument("--sigmas", default="0.5,0.7,0.85", help="noise levels of the probes, comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_samples", action="store_true",
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = probe(read_checkpoint(args.checkpoint), use_ema=False if args.no_ema else None,
                    num_eval=args.num_eval, steps=args.steps, seed=args.seed, sigmas=sigmas, check=check,
-                   samples=not args.no_samples)
+                   samples=not args.no_samples, guidance_scale=args.guidance_scale)
     print_report(report)
     if args.json:
         with AtomicFile(args.json, make_parents=True) as tmp:

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sfvideo.probe_teacher import context_probe
@@ -35,3 +36,16 @@ def test_a_denoiser_that_pools_its_clip_gains_from_its_own_context_only():
         assert r["own"] < r["other"] and r["own"] < r["alone"]
         assert r["gain"] > 0
     assert set(report) == {"0.5", "0.9"}
+
+
+def test_guidance_scale_replaces_the_recorded_one_of_many_step_samplers_only():
+    from sfvideo.evaluation import evaluation_engine
+    from sfvideo.training.networks import asset_path
+
+    teacher, generator = asset_path("toy_teacher"), asset_path("toy_generator")
+    recorded, _ = evaluation_engine(teacher, use_ema=False)
+    unguided, _ = evaluation_engine(teacher, use_ema=False, guidance_scale=0.0)
+    assert recorded.settings.sampling.guidance_scale == 3.0
+    assert unguided.settings.sampling.guidance_scale == 0.0
+    with pytest.raises(ValueError, match="many-step samplers"):
+        evaluation_engine(generator, use_ema=False, guidance_scale=1.0)
