@@ -77,10 +77,11 @@ def evaluation_engine(
     settings = ckpt.settings
     if settings is None:
         raise ValueError(f"{ckpt.path} records no inference settings")
-    if sampling_steps is not None and settings.sampler in ("euler", "causal_cfg"):
+    many_step = settings.sampler in ("euler", "causal_cfg")  # few-step generators keep their step list
+    if sampling_steps is not None and many_step:
         settings = replace(settings, sampling=replace(settings.sampling, num_steps=sampling_steps))
     if guidance_scale is not None:
-        if settings.sampler not in ("euler", "causal_cfg"):
+        if not many_step:
             raise ValueError(f"{ckpt.path}: guidance_scale applies to many-step samplers, not {settings.sampler!r}")
         settings = replace(settings, sampling=replace(settings.sampling, guidance_scale=guidance_scale))
     if num_frames is not None and num_frames != settings.geometry.num_frames:

@@ -31,13 +31,19 @@ from sfvideo.files import AtomicFile
 EXACT = ("colour_acc", "shape_acc", "direction_acc", "motion_acc", "persistence", "background_fidelity")
 
 
+def real_latents(engine: Any, prompts: list[str], first_seed: int) -> torch.Tensor:
+    """Latents of real clips of ``prompts`` (scene seeds ``first_seed + i``) on the engine's device and dtype."""
+    from sfvideo.toy.world import render_batch
+
+    real = render_batch(prompts, [first_seed + i for i in range(len(prompts))])
+    return engine.decoder.encode(real).to(device=engine.device, dtype=engine.dtype)
+
+
 def one_step_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed: int) -> dict[str, dict[str, float]]:
     """Exact metrics of ``x0 = D(x_sigma)`` from real clips (scene seeds 30000+i), one entry per ``sigma``."""
     from sfvideo.evaluation import score_toy_videos
-    from sfvideo.toy.world import render_batch
 
-    real = render_batch(prompts, [30_000 + i for i in range(len(prompts))])
-    x0 = engine.decoder.encode(real).to(device=engine.device, dtype=engine.dtype)
+    x0 = real_latents(engine, prompts, 30_000)
     cond = engine.encode(prompts)
     g = torch.Generator(device=engine.device).manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g, device=engine.device, dtype=x0.dtype)
@@ -54,10 +60,7 @@ def one_step_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed
 def order_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed: int) -> dict[str, float]:
     """Flow-matching MSE on real clips in order and with frames shuffled (one permutation, same noise), averaged
     over ``sigmas``; ``gap = shuffled / ordered - 1``."""
-    from sfvideo.toy.world import render_batch
-
-    real = render_batch(prompts, [40_000 + i for i in range(len(prompts))])
-    x0 = engine.decoder.encode(real).to(device=engine.device, dtype=engine.dtype)
+    x0 = real_latents(engine, prompts, 40_000)
     g = torch.Generator(device=engine.device).manual_seed(seed)
     perm = torch.randperm(x0.shape[1], generator=g, device=engine.device)
     noise = torch.randn(x0.shape, generator=g, device=engine.device, dtype=x0.dtype)
@@ -77,12 +80,7 @@ def context_probe(engine: Any, prompts: list[str], sigmas: list[float], *, seed:
     the clean frame, per ``sigma``: ``own`` (the clip's other frames as context), ``other`` (the other frames of a
     second scene of the same prompt, seeds 50000+i, noised alike) and ``alone`` (a one-frame clip); ``gain =
     other / own - 1`` (0: the context is ignored)."""
-    from sfvideo.toy.world import render_batch
-
-    n = len(prompts)
-    encode = engine.decoder.encode
-    own = encode(render_batch(prompts, [30_000 + i for i in range(n)])).to(device=engine.device, dtype=engine.dtype)
-    other = encode(render_batch(prompts, [50_000 + i for i in range(n)])).to(device=engine.device, dtype=engine.dtype)
+    own, other = real_latents(engine, prompts, 30_000), real_latents(engine, prompts, 50_000)
     k = own.shape[1] // 2
     cond = engine.encode(prompts)
     g = torch.Generator(device=engine.device).manual_seed(seed)
@@ -170,7 +168,7 @@ def print_report(report: dict[str, Any]) -> None:
     Console(width=160).print(table)
     o = report["order"]
     print(f"order probe: ordered {o['ordered']:.4f}  shuffled {o['shuffled']:.4f}  gap {o['gap']:+.1%}")
-    for sigma, c in report.get("context", {}).items():
+    for sigma, c in report["context"].items():
         print(f"context probe at σ {sigma}: error of the middle frame with its own context {c['own']:.3f}, "
               f"another scene's {c['other']:.3f}, alone {c['alone']:.3f}  (gain {c['gain']:+.1%})")
 

@@ -163,6 +163,7 @@ class CompileBlocks(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         from sfvideo.inference.graphs import compile_blocks
 
+        self.compiled = []  # a second fit with the same callback starts over
         for name in getattr(pl_module, "engine_modules", ()):
             net = getattr(pl_module, name, None)
             if net is not None and hasattr(net, "blocks"):
