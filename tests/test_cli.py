@@ -283,3 +283,18 @@ def test_progress_bar_counts_generator_steps(tmp_path):
     bar = seen["bar"]
     assert isinstance(bar, GeneratorStepProgressBar)
     assert bar.total_train_batches == 1 and bar._get_train_description(0) == "generator steps"
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_naming_the_flag(tmp_path, monkeypatch, capsys):
+    from sfvideo.nn import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
+    main(["fit", "--config", DEBUG, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1",
+          "--trainer.precision", "bf16-mixed", *QUIET])
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert line.startswith("sfvideo fit: warning: --trainer.precision bf16-mixed") and "--trainer.precision 32" in line
+    # Nothing to say for fp32, for an accelerator, or on a CPU with bf16 instructions.
+    assert precision.cpu_precision_warning("32-true", "cpu") is None
+    assert precision.cpu_precision_warning("bf16-mixed", "cuda") is None
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: True)
+    assert precision.cpu_precision_warning("bf16-mixed", "cpu") is None

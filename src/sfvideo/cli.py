@@ -192,6 +192,7 @@ class SFVideoCLI(LightningCLI):
         init = self._follow_default_root_dir(cfg)
         self._check_devices(cfg)
         self._check_optimizers(cfg)
+        self._check_precision(cfg)
         ckpt = cfg.get("ckpt_path")
         if sub == "predict" and ckpt is None:
             fail(self.prog, "needs --ckpt_path: a trained checkpoint (.ckpt), or last for the newest run's "
@@ -233,6 +234,14 @@ class SFVideoCLI(LightningCLI):
             fail(self.prog, f"--trainer.devices {devices} needs a strategy for several networks: --trainer.strategy "
                             "sfvideo.training.strategies.MultiEngineDeepSpeedStrategy (DeepSpeed ZeRO) or "
                             "sfvideo.training.strategies.FSDP2Strategy (docs/distributed.md)")
+
+    def _check_precision(self, cfg: Namespace) -> None:
+        """A warning, not an error: bf16 on a CPU that emulates it still computes the same thing, slowly."""
+        from sfvideo.nn.precision import cpu_precision_warning
+
+        warning = cpu_precision_warning(cfg.trainer.get("precision"), cfg.trainer.get("accelerator", "auto"))
+        if warning is not None:
+            print(f"{self.prog}: warning: {warning}", file=sys.stderr)
 
     def _check_optimizers(self, cfg: Namespace) -> None:
         """Build each optimizer of the model's config on a dummy parameter, so a bad value (``lr -1``) is an error

@@ -36,6 +36,24 @@ def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[key]
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX-BF16), as oneDNN needs for bf16 to be
+    faster than fp32. Without them bf16 matmuls are emulated: measured 2026-12-03 on a 2-core AMD EPYC with AVX2
+    only, torch 2.13.0+cpu, one thread, (5376, 256) @ (256, 512): fp32 32 ms, bf16 1210 ms (38x slower)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private but stable since torch 2.3
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def cpu_precision_warning(precision: object, accelerator: object) -> str | None:
+    """The warning for a CPU run in bf16 on a CPU without bf16 matrix instructions (see
+    :func:`cpu_has_bf16_matmul`), or None. ``precision`` and ``accelerator`` are the Trainer's arguments."""
+    on_cpu = str(accelerator) == "cpu" or (str(accelerator) == "auto" and not torch.cuda.is_available())
+    if not on_cpu or not str(precision).startswith("bf16") or cpu_has_bf16_matmul():
+        return None
+    return (f"--trainer.precision {precision} on a CPU without AVX512-BF16 / AMX: bf16 matmuls are emulated here "
+            "(measured 38x slower than fp32); use --trainer.precision 32")
+
+
 def keeps_fp32(name: str, keep_modules: list[str] | tuple[str, ...] | None) -> bool:
     """diffusers' rule: tensor ``name`` stays fp32 when one of its path segments names a ``keep_modules`` entry."""
     segments = name.split(".")
