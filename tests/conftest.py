@@ -11,9 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _test_threads() -> int:
     """Torch threads of the suite: ``SFVIDEO_TEST_THREADS`` (default: the cores this process may use, at most 2).
 
-    Two by default: measured on the 2-core machines, the suite takes 5 min 44 s of pytest at two threads against
-    7 min 3 s at one (AMD EPYC Zen 4, 2026-12-03), and 9 min 26 s at one thread on the AVX2-only EPYC, which with
-    the install would break `make test`'s 10 minutes. Capped at 2, the counts the suite is checked
+    Two by default: measured on the 2-core machines (2026-12-03), pytest takes 5 min 44 s at two threads against
+    7 min 3 s at one on the AMD EPYC Zen 4, and 7 min 43 s - 8 min 39 s at two against 9 min 26 s at one on the
+    AVX2-only EPYC, where one thread and the install would overrun `make test`'s 10 minutes. Capped at 2, the counts the suite is checked
     at. The suite must pass
     with any count (``SFVIDEO_TEST_THREADS=1 make test``): oneDNN picks kernels by shape, thread count and
     instruction set, so no test may depend on which kernel runs.
