@@ -33,16 +33,13 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
 
-    from sfvideo.checkpoints import read_checkpoint
     from sfvideo.evaluation import evaluate_toy_engine, evaluation_engine, real_toy_features, toy_eval_prompts
     from sfvideo.metrics.toy import per_video_metrics
     from sfvideo.toy.features import load_feature_encoder
 
-    ckpt = read_checkpoint(args.source)
-    if args.context_noise is not None:  # the engine runs the recorded settings: change the record's copy
-        ckpt.record = {**ckpt.record, "inference": {**ckpt.record["inference"], "context_noise": args.context_noise}}
     use_ema = None if args.ema == "auto" else args.ema == "yes"
-    engine, used_ema = evaluation_engine(ckpt, sampling_steps=args.steps, use_ema=use_ema)
+    engine, used_ema = evaluation_engine(args.source, sampling_steps=args.steps, use_ema=use_ema,
+                                         context_noise=args.context_noise)
     prompts = toy_eval_prompts(args.num_eval, 0)[args.split]
     features = load_feature_encoder()
     scores, video = evaluate_toy_engine(engine, prompts, seed=0, features=features,

@@ -13,10 +13,9 @@ def _test_threads() -> int:
 
     Two by default: measured on the 2-core machines (2026-12-03), pytest takes 5 min 44 s at two threads against
     7 min 3 s at one on the AMD EPYC Zen 4, and 7 min 43 s - 8 min 39 s at two against 9 min 26 s at one on the
-    AVX2-only EPYC, where one thread and the install would overrun `make test`'s 10 minutes. Capped at 2, the counts the suite is checked
-    at. The suite must pass
-    with any count (``SFVIDEO_TEST_THREADS=1 make test``): oneDNN picks kernels by shape, thread count and
-    instruction set, so no test may depend on which kernel runs.
+    AVX2-only EPYC, where one thread and the install would overrun `make test`'s 10 minutes. Capped at 2, the
+    counts the suite is checked at. The suite must pass with any count (``SFVIDEO_TEST_THREADS=1 make test``):
+    oneDNN picks kernels by shape, thread count and instruction set, so no test may depend on which kernel runs.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     raw = os.environ.get("SFVIDEO_TEST_THREADS", str(min(2, cores)))

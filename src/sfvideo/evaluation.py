@@ -55,6 +55,7 @@ def evaluation_engine(
     num_frames: int | None = None,
     use_ema: bool | None = None,
     guidance_scale: float | None = None,
+    context_noise: float | None = None,
 ) -> tuple[Any, bool]:
     """The inference engine that evaluates a checkpoint, and whether it runs EMA weights.
 
@@ -67,6 +68,8 @@ def evaluation_engine(
             exported); True / False forces the choice.
         guidance_scale: Classifier-free guidance of a many-step sampler instead of the recorded one (in the recorded
             ``guidance`` convention).
+        context_noise: Timestep of the KV-cache refresh instead of the recorded one (the engine refuses a non-zero
+            one for samplers that refresh with clean context).
     """
     from dataclasses import replace
 
@@ -84,6 +87,8 @@ def evaluation_engine(
         if not many_step:
             raise ValueError(f"{ckpt.path}: guidance_scale applies to many-step samplers, not {settings.sampler!r}")
         settings = replace(settings, sampling=replace(settings.sampling, guidance_scale=guidance_scale))
+    if context_noise is not None:
+        settings = replace(settings, context_noise=context_noise)
     if num_frames is not None and num_frames != settings.geometry.num_frames:
         settings = replace(settings, geometry=replace(settings.geometry, num_frames=num_frames))
     if use_ema is None:

@@ -49,3 +49,7 @@ def test_guidance_scale_replaces_the_recorded_one_of_many_step_samplers_only():
     assert unguided.settings.sampling.guidance_scale == 0.0
     with pytest.raises(ValueError, match="many-step samplers"):
         evaluation_engine(generator, use_ema=False, guidance_scale=1.0)
+    # The cache-refresh timestep is replaced the same way (scripts/diagnose_generator.py --context_noise).
+    refreshed, _ = evaluation_engine(generator, use_ema=False, context_noise=500.0)
+    assert evaluation_engine(generator, use_ema=False)[0].settings.context_noise == 0.0
+    assert refreshed.settings.context_noise == 500.0
