@@ -1,7 +1,8 @@
 """``sfvideo demo`` (``make demo``): the whole method on the embedded toy world, on a CPU, in minutes.
 
 1. **Teacher**: the bidirectional toy teacher shipped in ``src/sfvideo/assets/toy_teacher`` (made by
-   ``configs/toy/teacher.yaml``).
+   ``configs/toy/teacher.yaml``), or the exported teacher folder given with ``--teacher`` (a candidate teacher is
+   demoed without replacing the shipped one).
 2. **ODE initialisation** (``configs/toy/ode.yaml``): the causal generator starts from the teacher's weights and
    regresses the teacher's ODE trajectories with the block-causal mask at its few-step noise levels.
 3. **Self Forcing with DMD** (``configs/toy/dmd.yaml``): the generator rolls out whole clips with its KV cache and
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_eval", type=int, default=32, help="videos scored per split (metrics and FD)")
     p.add_argument("--teacher_steps", type=int, default=30, help="Euler steps of the teacher's samples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="exported teacher folder (`sfvideo export`) to distil and compare against (default: the shipped one)",
+    )
     args = p.parse_args(argv)
 
     from sfvideo.checkpoints import read_checkpoint
@@ -143,23 +149,37 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = asset_path("toy_teacher")
-    if teacher is None:
-        raise SystemExit(
-            "sfvideo demo: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make it with "
-            "`sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`"
-        )
+    if args.teacher is not None:
+        teacher = Path(args.teacher)
+        if not (teacher / "sfvideo.json").is_file():
+            raise SystemExit(f"sfvideo demo: --teacher {teacher}: not an exported teacher folder (no sfvideo.json)")
+    else:
+        teacher = asset_path("toy_teacher")
+        if teacher is None:
+            raise SystemExit(
+                "sfvideo demo: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make it with "
+                "`sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`"
+            )
+    # Both stages then read their teacher from this flag (the configs name the shipped asset), so the generators and
+    # the reference rows share one teacher.
+    teacher_flag = ("--model.init_args.teacher", str(teacher)) if args.teacher is not None else ()
     start = time.perf_counter()
 
     banner("1/3  ODE initialisation of the causal generator")
     extra = ["--trainer.max_steps", str(args.ode_steps)] if args.ode_steps else []
-    ode_ckpt = fit_stage(config_path("ode.yaml"), out, "ode", *extra)
+    ode_ckpt = fit_stage(config_path("ode.yaml"), out, "ode", *teacher_flag, *extra)
     ode_dir = export_checkpoint(ode_ckpt, out / "exports" / "ode_init", overwrite=True)
 
     banner("2/3  Self Forcing with DMD")
     extra = ["--model.init_args.max_generator_steps", str(args.generator_steps)] if args.generator_steps else []
     sf_ckpt = fit_stage(
-        config_path("dmd.yaml"), out, "self_forcing", "--model.init_args.generator_init", str(ode_dir), *extra
+        config_path("dmd.yaml"),
+        out,
+        "self_forcing",
+        *teacher_flag,
+        "--model.init_args.generator_init",
+        str(ode_dir),
+        *extra,
     )
     has_ema = read_checkpoint(sf_ckpt).ema_state("generator") is not None
     sf_dir = export_checkpoint(sf_ckpt, out / "exports" / "self_forcing", ema=has_ema, overwrite=True)
