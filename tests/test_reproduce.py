@@ -46,6 +46,38 @@ def test_config_errors_are_one_line():
         ReproduceConfig(**base, num_frames=4, frames_per_chunk=(3, 1))
 
 
+@pytest.mark.parametrize("teacher", [None, "/elsewhere/candidate"])
+def test_every_stage_takes_its_teacher_from_the_config(tmp_path, monkeypatch, teacher):
+    """``--teacher``: the many-step baselines start from it, every other stage distils from it; without it the
+    configs' own ``toy_teacher`` (the shipped asset) stays in force. The stages are recorded, not run."""
+    import sfvideo.reproduce as reproduce
+
+    cfg = ReproduceConfig(generator_updates=1, batch_size=1, ode_steps=1, num_prompts=1, seeds=(0,),
+                          extrapolation_factors=(2,), extrapolation_prompts=1, snapshots=1, num_bootstrap=1,
+                          num_subsets=1, gap_frames=1, teacher=teacher)
+    stages = {**PARADIGMS, "ode": reproduce.ODE}
+    runs = {}
+    monkeypatch.setattr(reproduce, "_run_fit", lambda cfg, config, root, name, extra: runs.setdefault(name, extra))
+    for key, paradigm in stages.items():
+        reproduce.train_stage(cfg, tmp_path, key, paradigm, 3, 21, 21, None if paradigm.kind != "distillation"
+                              else tmp_path / "ode")
+    assert set(runs) == {f"{key}_f3" for key in stages}
+    for key, paradigm in stages.items():
+        extra = runs[f"{key}_f3"]
+        flag = "--model.init_args.model" if paradigm.kind == "many_step" else "--model.init_args.teacher"
+        if teacher is None:
+            assert "--model.init_args.teacher" not in extra and "--model.init_args.model" not in extra, key
+        else:
+            assert extra[extra.index(flag) + 1] == teacher, key
+
+
+def test_a_teacher_that_is_not_an_export_is_a_one_line_error_naming_the_flag(tmp_path):
+    from sfvideo.reproduce import main
+
+    with pytest.raises(SystemExit, match=r"--teacher .*no sfvideo.json"):
+        main(["--quick", "--out", str(tmp_path / "out"), "--teacher", str(tmp_path)])
+
+
 def test_stage_records_reuse_only_matching_finished_stages(tmp_path):
     teacher = tmp_path / "teacher"
     teacher.mkdir()

@@ -1,6 +1,7 @@
 """``sfvideo reproduce`` (``make reproduce``): the paper's Table 2 and Figure 6 at toy scale.
 
-From the shipped toy teacher (``src/sfvideo/assets/toy_teacher``, whatever is there), every paradigm of the project
+From the shipped toy teacher (``src/sfvideo/assets/toy_teacher``, whatever is there; or the exported folder of
+``--teacher`` / the config's ``teacher``), every paradigm of the project
 is trained through its own toy config (``configs/toy/*.yaml``, the ordinary ``sfvideo fit``, chained as
 ``sfvideo demo`` does) at one budget, chunk-wise and frame-wise, and evaluated with the toy world's exact metrics:
 
@@ -41,7 +42,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -142,6 +143,9 @@ class ReproduceConfig:
     """Lightning progress bars and model summaries."""
     level: float = 0.95
     """Coverage of every interval."""
+    teacher: str | None = None
+    """Exported teacher folder (``sfvideo export``) that every stage distils from or, for the many-step baselines,
+    starts from, and the reference rows sample (None: the shipped ``toy_teacher`` asset the configs name)."""
 
     def __post_init__(self) -> None:
         for name in ("generator_updates", "batch_size", "ode_steps", "num_prompts", "extrapolation_prompts",
@@ -363,6 +367,9 @@ def train_stage(
                       str(cfg.critic_updates_per_generator_update)]
         if paradigm.window:
             extra += ["--model.init_args.rollout.window_frames", str(clip_frames - fpc)]
+    if cfg.teacher is not None:  # the many-step baselines start from the teacher's weights; the rest distil from it
+        extra += ["--model.init_args.model" if paradigm.kind == "many_step" else "--model.init_args.teacher",
+                  cfg.teacher]
     t0 = time.perf_counter()
     ckpt = _run_fit(cfg, config_file, out / "runs", name, extra)
     return {"checkpoint": str(ckpt), "clock": str(clock_path), "stage_seconds": time.perf_counter() - t0}
@@ -727,10 +734,17 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str, resume: b
     from sfvideo.export import export_checkpoint
     from sfvideo.training.networks import asset_path
 
-    teacher = asset_path("toy_teacher")
-    if teacher is None:
-        raise SystemExit("sfvideo reproduce: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make it "
-                         "with `sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`")
+    if cfg.teacher is not None:
+        teacher = Path(cfg.teacher).resolve()
+        if not (teacher / "sfvideo.json").is_file():
+            raise SystemExit(f"sfvideo reproduce: --teacher {cfg.teacher}: not an exported teacher folder "
+                             "(no sfvideo.json)")
+        cfg = replace(cfg, teacher=str(teacher))  # stages may run in other processes and folders
+    else:
+        teacher = asset_path("toy_teacher")
+        if teacher is None:
+            raise SystemExit("sfvideo reproduce: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make "
+                             "it with `sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     record = read_checkpoint(teacher)
@@ -819,9 +833,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="recompute every stage (default: reuse the stages a run of the same config and teacher "
                         "already finished in --out, i.e. resume an interrupted run)")
+    p.add_argument("--teacher", default=None,
+                   help="exported teacher folder to run from (default: the config's `teacher`, else the shipped one)")
     args = p.parse_args(argv)
     config = args.config or config_path("reproduce_quick.yaml" if args.quick else "reproduce.yaml")
     cfg = load_config(config)
+    if args.teacher is not None:
+        cfg = replace(cfg, teacher=args.teacher)
     command = "sfvideo reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     status = QUICK_STATUS if args.quick else FULL_STATUS if args.config is None else CUSTOM_STATUS.format(
         config=args.config)
