@@ -1,6 +1,6 @@
-"""The shipped toy teacher is the one its committed report describes (issue 14): a small evaluation recorded in
-docs/toy_teacher_metrics.json (``sfvideo probe-teacher ... --check N,STEPS``) is re-run on the shipped checkpoint
-and must give the same numbers."""
+"""The shipped toy teacher, and the committed candidate teacher, are the ones their committed reports describe
+(issue 14): a small evaluation recorded in docs/toy_teacher_metrics.json (docs/toy_teacher3_probe.json) by
+``sfvideo probe-teacher ... --check N,STEPS`` is re-run on the committed weights and must give the same numbers."""
 
 import json
 from pathlib import Path
@@ -11,14 +11,19 @@ from sfvideo.evaluation import evaluation_engine
 from sfvideo.probe_teacher import EXACT, check_scores
 from sfvideo.training.networks import asset_path
 
-REPORT = Path(__file__).resolve().parents[2] / "docs" / "toy_teacher_metrics.json"
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_committed_teacher_metrics_match_a_fresh_evaluation():
-    teacher = asset_path("toy_teacher")
-    assert teacher is not None, "src/sfvideo/assets/toy_teacher is missing"
-    check = json.loads(REPORT.read_text())["check"]
-    # the exported folder holds the EMA weights as its weights
+@pytest.mark.parametrize(
+    ("weights", "report"),
+    [("toy_teacher", "toy_teacher_metrics.json"), ("artifacts/toy_teacher3", "toy_teacher3_probe.json")],
+    ids=["shipped", "candidate3"],
+)
+def test_the_committed_teacher_metrics_match_a_fresh_evaluation(weights, report):
+    teacher = asset_path(weights) if "/" not in weights else ROOT / weights
+    assert teacher is not None and teacher.is_dir(), f"{weights} is missing"
+    check = json.loads((ROOT / "docs" / report).read_text())["check"]
+    # an exported folder holds the weights it was exported with (the shipped one: the EMA) as its weights
     engine, _ = evaluation_engine(teacher, sampling_steps=check["num_steps"], use_ema=False)
     fresh = check_scores(engine, num_eval=check["num_eval"], seed=check["seed"])
     for key in EXACT:
