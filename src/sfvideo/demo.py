@@ -34,6 +34,26 @@ def config_path(name: str) -> str:
     raise FileNotFoundError(f"configs/toy/{name} not found (run the demo from the repository root)")
 
 
+def toy_teacher_folder(teacher: str | None, command: str) -> Path:
+    """The exported teacher folder a toy-world command runs from: ``teacher`` (its ``--teacher``), else the shipped
+    asset; a folder that is not an export, or a missing asset, is a one-line exit naming ``command``."""
+    from sfvideo.training.networks import asset_path
+
+    if teacher is not None:
+        if not (Path(teacher) / "sfvideo.json").is_file():
+            raise SystemExit(
+                f"sfvideo {command}: --teacher {teacher}: not an exported teacher folder (no sfvideo.json)"
+            )
+        return Path(teacher)
+    shipped = asset_path("toy_teacher")
+    if shipped is None:
+        raise SystemExit(
+            f"sfvideo {command}: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make it with "
+            "`sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`"
+        )
+    return shipped
+
+
 def fit_stage(config: str, save_dir: Path, name: str, *extra: str) -> Path:
     """Run ``sfvideo fit`` and return the run's last checkpoint."""
     from sfvideo.cli import main as cli
@@ -145,21 +165,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from sfvideo.checkpoints import read_checkpoint
     from sfvideo.export import export_checkpoint
-    from sfvideo.training.networks import asset_path
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.teacher is not None:
-        teacher = Path(args.teacher)
-        if not (teacher / "sfvideo.json").is_file():
-            raise SystemExit(f"sfvideo demo: --teacher {teacher}: not an exported teacher folder (no sfvideo.json)")
-    else:
-        teacher = asset_path("toy_teacher")
-        if teacher is None:
-            raise SystemExit(
-                "sfvideo demo: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make it with "
-                "`sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`"
-            )
+    teacher = toy_teacher_folder(args.teacher, "demo")
     # Both stages then read their teacher from this flag (the configs name the shipped asset), so the generators and
     # the reference rows share one teacher.
     teacher_flag = ("--model.init_args.teacher", str(teacher)) if args.teacher is not None else ()

@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import torch
 
-from sfvideo.demo import banner, config_path, fit_stage
+from sfvideo.demo import banner, config_path, fit_stage, toy_teacher_folder
 from sfvideo.evaluation import METRIC_LABELS, evaluation_engine
 from sfvideo.files import AtomicFile
 
@@ -732,19 +732,11 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str, resume: b
     """
     from sfvideo.checkpoints import read_checkpoint
     from sfvideo.export import export_checkpoint
-    from sfvideo.training.networks import asset_path
 
+    teacher = toy_teacher_folder(cfg.teacher, "reproduce")
     if cfg.teacher is not None:
-        teacher = Path(cfg.teacher).resolve()
-        if not (teacher / "sfvideo.json").is_file():
-            raise SystemExit(f"sfvideo reproduce: --teacher {cfg.teacher}: not an exported teacher folder "
-                             "(no sfvideo.json)")
+        teacher = teacher.resolve()
         cfg = replace(cfg, teacher=str(teacher))  # stages may run in other processes and folders
-    else:
-        teacher = asset_path("toy_teacher")
-        if teacher is None:
-            raise SystemExit("sfvideo reproduce: the toy teacher is missing (src/sfvideo/assets/toy_teacher); make "
-                             "it with `sfvideo fit --config configs/toy/teacher.yaml` and `sfvideo export`")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     record = read_checkpoint(teacher)
