@@ -51,3 +51,19 @@ def test_demo_passes_its_teacher_to_both_stages_and_the_evaluation(tmp_path, mon
     shipped = sfvideo.training.networks.asset_path("toy_teacher")
     assert evaluated == [teacher if given else shipped]
     assert json.loads((out / "metrics.json").read_text()) == {"train": {"teacher": {"colour_acc": 1.0}}}
+
+
+def test_demo_overrides_reach_only_the_stage_they_belong_to(tmp_path, monkeypatch):
+    stages = []
+    monkeypatch.setattr(demo, "fit_stage", lambda config, save_dir, name, *extra: stages.append((name, list(extra))))
+    monkeypatch.setattr(demo, "_evaluate", lambda *args, **kwargs: {})
+    monkeypatch.setattr(sfvideo.export, "export_checkpoint", lambda ckpt, out, **kw: Path(out))
+    monkeypatch.setattr(
+        sfvideo.checkpoints, "read_checkpoint", lambda path: SimpleNamespace(ema_state=lambda network: None)
+    )
+    demo.main(["--out", str(tmp_path), "--ode_steps", "7", "--generator_steps", "5", "--guidance_scale", "2"])
+    (ode, ode_flags), (sf, sf_flags) = stages
+    assert (ode, sf) == ("ode", "self_forcing")
+    assert ode_flags == ["--trainer.max_steps", "7"]
+    assert sf_flags[sf_flags.index("--model.init_args.max_generator_steps") + 1] == "5"
+    assert sf_flags[sf_flags.index("--model.init_args.dmd.guidance_scale") + 1] == "2.0"

@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--generator_steps", type=int, default=None, help="Self Forcing generator updates (default: the config's)"
     )
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="teacher guidance of the DMD stage (default: the config's; docs/demo.md measures 1, 2 and 3)",
+    )
     p.add_argument("--num_prompts", type=int, default=8, help="videos written per split (train / held-out)")
     p.add_argument("--num_eval", type=int, default=32, help="videos scored per split (metrics and FD)")
     p.add_argument("--teacher_steps", type=int, default=30, help="Euler steps of the teacher's samples")
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
 
     banner("2/3  Self Forcing with DMD")
     extra = ["--model.init_args.max_generator_steps", str(args.generator_steps)] if args.generator_steps else []
+    if args.guidance_scale is not None:
+        extra += ["--model.init_args.dmd.guidance_scale", str(args.guidance_scale)]
     sf_ckpt = fit_stage(
         config_path("dmd.yaml"),
         out,

@@ -1,5 +1,5 @@
-"""The shipped toy teacher, and the committed candidate teacher, are the ones their committed reports describe
-(issue 14): a small evaluation recorded in docs/toy_teacher_metrics.json (docs/toy_teacher3_probe.json) by
+"""The shipped toy teacher, and the committed candidate teachers, are the ones their committed reports describe
+(issue 14): a small evaluation recorded in docs/toy_teacher_metrics.json (docs/toy_teacher{3,4}_probe.json) by
 ``sfvideo probe-teacher ... --check N,STEPS`` is re-run on the committed weights and must give the same numbers."""
 
 import json
@@ -16,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize(
     ("weights", "report"),
-    [("toy_teacher", "toy_teacher_metrics.json"), ("artifacts/toy_teacher3", "toy_teacher3_probe.json")],
-    ids=["shipped", "candidate3"],
+    [
+        ("toy_teacher", "toy_teacher_metrics.json"),
+        ("artifacts/toy_teacher3", "toy_teacher3_probe.json"),
+        ("artifacts/toy_teacher4", "toy_teacher4_probe.json"),
+    ],
+    ids=["shipped", "candidate3", "candidate4"],
 )
 def test_the_committed_teacher_metrics_match_a_fresh_evaluation(weights, report):
     teacher = asset_path(weights) if "/" not in weights else ROOT / weights
