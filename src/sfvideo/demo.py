@@ -35,8 +35,9 @@ def config_path(name: str) -> str:
 
 
 def toy_teacher_folder(teacher: str | None, command: str) -> Path:
-    """The exported teacher folder a toy-world command runs from: ``teacher`` (its ``--teacher``), else the shipped
-    asset; a folder that is not an export, or a missing asset, is a one-line exit naming ``command``."""
+    """The exported teacher folder a toy-world command runs from: ``teacher`` (its ``--teacher``, made absolute:
+    stages may run in other processes and folders), else the shipped asset; a folder that is not an export, or a
+    missing asset, is a one-line exit naming ``command``."""
     from sfvideo.training.networks import asset_path
 
     if teacher is not None:
@@ -44,7 +45,7 @@ def toy_teacher_folder(teacher: str | None, command: str) -> Path:
             raise SystemExit(
                 f"sfvideo {command}: --teacher {teacher}: not an exported teacher folder (no sfvideo.json)"
             )
-        return Path(teacher)
+        return Path(teacher).resolve()
     shipped = asset_path("toy_teacher")
     if shipped is None:
         raise SystemExit(

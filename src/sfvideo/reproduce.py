@@ -735,8 +735,7 @@ def run(cfg: ReproduceConfig, out: Path, *, command: str, status: str, resume: b
 
     teacher = toy_teacher_folder(cfg.teacher, "reproduce")
     if cfg.teacher is not None:
-        teacher = teacher.resolve()
-        cfg = replace(cfg, teacher=str(teacher))  # stages may run in other processes and folders
+        cfg = replace(cfg, teacher=str(teacher))  # the absolute path, for every stage
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     record = read_checkpoint(teacher)
