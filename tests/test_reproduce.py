@@ -1,6 +1,7 @@
 """``sfvideo reproduce --quick``: every paradigm, chunk-wise and frame-wise, trained a few steps and reported."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,6 +46,23 @@ def test_config_errors_are_one_line():
     with pytest.raises(ValueError, match="not a multiple of every chunk size"):
         ReproduceConfig(**base, num_frames=4, frames_per_chunk=(3, 1))
 
+
+
+def test_set_overrides_one_field_typed_and_names_a_bad_one():
+    from sfvideo.demo import config_path
+    from sfvideo.reproduce import load_config, main
+
+    path = config_path("reproduce.yaml")
+    base = load_config(path)
+    cfg = load_config(path, ["frames_per_chunk=[3]", "generator_updates=7"])
+    assert cfg.frames_per_chunk == (3,) and cfg.generator_updates == 7
+    assert replace(cfg, frames_per_chunk=base.frames_per_chunk, generator_updates=base.generator_updates) == base
+    with pytest.raises(ValueError, match="'nope=1' is not FIELD=VALUE"):
+        load_config(path, ["nope=1"])
+    with pytest.raises(ValueError, match="generator_updates"):
+        load_config(path, ["generator_updates=0"])
+    with pytest.raises(SystemExit):
+        main(["--set", "frames_per_chunk"])
 
 @pytest.mark.parametrize("teacher", [None, "/elsewhere/candidate"])
 def test_every_stage_takes_its_teacher_from_the_config(tmp_path, monkeypatch, teacher):

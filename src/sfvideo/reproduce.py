@@ -42,7 +42,8 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -169,13 +170,21 @@ class ReproduceConfig:
             raise ValueError(f"reproduce: level must be in (0, 1), got {self.level}")
 
 
-def load_config(path: str | Path) -> ReproduceConfig:
-    """A :class:`ReproduceConfig` from a YAML file (types checked by jsonargparse, as every config)."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ReproduceConfig:
+    """A :class:`ReproduceConfig` from a YAML file (types checked by jsonargparse, as every config), with
+    ``overrides`` (``FIELD=VALUE``, the value read as YAML: ``frames_per_chunk=[3]``) applied on top."""
     import yaml
 
     from sfvideo.config import parse_as
 
     data = yaml.safe_load(Path(path).read_text()) or {}
+    names = {f.name for f in fields(ReproduceConfig)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"reproduce: --set {item!r} is not FIELD=VALUE with FIELD one of "
+                             f"{sorted(names)}")
+        data[key] = yaml.safe_load(value)
     return parse_as(ReproduceConfig, data)
 
 
@@ -826,14 +835,23 @@ def main(argv: list[str] | None = None) -> None:
                         "already finished in --out, i.e. resume an interrupted run)")
     p.add_argument("--teacher", default=None,
                    help="exported teacher folder to run from (default: the config's `teacher`, else the shipped one)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one field of the config, the value as YAML (repeatable), e.g. "
+                        "--set frames_per_chunk=[3]")
     args = p.parse_args(argv)
     config = args.config or config_path("reproduce_quick.yaml" if args.quick else "reproduce.yaml")
-    cfg = load_config(config)
+    try:
+        cfg = load_config(config, args.overrides)
+    except ValueError as e:
+        p.error(str(e).splitlines()[0])
     if args.teacher is not None:
         cfg = replace(cfg, teacher=args.teacher)
     command = "sfvideo reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     status = QUICK_STATUS if args.quick else FULL_STATUS if args.config is None else CUSTOM_STATUS.format(
         config=args.config)
+    if args.overrides and not args.quick:
+        status = CUSTOM_STATUS.format(config=f"{args.config or 'configs/toy/reproduce.yaml'} with "
+                                             + ", ".join(args.overrides))
     report = run(cfg, Path(args.out), command=command.strip(), status=status, resume=not args.fresh)
     print(f"\nreport: {Path(args.out) / 'reproduction.md'}  ({report['total_minutes']:.1f} min)")
 
