@@ -104,6 +104,8 @@ def test_stage_records_reuse_only_matching_finished_stages(tmp_path):
                 extrapolation_prompts=1, snapshots=1, num_bootstrap=1, num_subsets=1, gap_frames=1)
     fp = run_fingerprint(ReproduceConfig(**base), teacher)
     assert fp != run_fingerprint(ReproduceConfig(**{**base, "generator_updates": 2}), teacher)
+    # which stages run does not change what one stage computes: adding a chunking or a paradigm reuses the others
+    assert fp == run_fingerprint(ReproduceConfig(**base, frames_per_chunk=(3,), paradigms=("sf_dmd",)), teacher)
     (teacher / "w.bin").write_bytes(b"abd")
     assert fp != run_fingerprint(ReproduceConfig(**base), teacher)
 

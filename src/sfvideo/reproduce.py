@@ -288,13 +288,21 @@ def _run_fit(cfg: ReproduceConfig, config_file: str, runs: Path, name: str, extr
     return found[-1]
 
 
+# Fields that choose which stages run or how they print, not what any one stage computes: a stage is named by its
+# paradigm and chunking (``sf_dmd_f3``) and reads nothing of the other stages but its chunking's ODE initialisation,
+# so a run that adds the frame-wise chunking or a paradigm reuses the stages an earlier run finished.
+STAGE_INDEPENDENT_FIELDS = ("paradigms", "frames_per_chunk", "progress")
+
+
 def run_fingerprint(cfg: ReproduceConfig, teacher: Path) -> str:
-    """What a finished stage's results depend on: the run config and the teacher's files (names and bytes).
+    """What a finished stage's results depend on: the run config (less :data:`STAGE_INDEPENDENT_FIELDS`) and the
+    teacher's files (names and bytes).
 
     A rerun into the same ``--out`` reuses a stage whose record carries the same fingerprint and recomputes the
     rest, so an interrupted run resumes at the stage it was in; any change of budget or teacher starts over.
     """
-    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    fields_ = {k: v for k, v in asdict(cfg).items() if k not in STAGE_INDEPENDENT_FIELDS}
+    h = hashlib.sha256(json.dumps(fields_, sort_keys=True, default=str).encode())
     for f in sorted(p for p in Path(teacher).rglob("*") if p.is_file()):
         h.update(f.name.encode())
         h.update(f.read_bytes())
