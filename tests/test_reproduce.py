@@ -47,7 +47,6 @@ def test_config_errors_are_one_line():
         ReproduceConfig(**base, num_frames=4, frames_per_chunk=(3, 1))
 
 
-
 def test_set_overrides_one_field_typed_and_names_a_bad_one():
     from sfvideo.demo import config_path
     from sfvideo.reproduce import load_config, main
@@ -63,6 +62,7 @@ def test_set_overrides_one_field_typed_and_names_a_bad_one():
         load_config(path, ["generator_updates=0"])
     with pytest.raises(SystemExit):
         main(["--set", "frames_per_chunk"])
+
 
 @pytest.mark.parametrize("teacher", [None, "/elsewhere/candidate"])
 def test_every_stage_takes_its_teacher_from_the_config(tmp_path, monkeypatch, teacher):

@@ -301,8 +301,8 @@ def run_fingerprint(cfg: ReproduceConfig, teacher: Path) -> str:
     A rerun into the same ``--out`` reuses a stage whose record carries the same fingerprint and recomputes the
     rest, so an interrupted run resumes at the stage it was in; any change of budget or teacher starts over.
     """
-    fields_ = {k: v for k, v in asdict(cfg).items() if k not in STAGE_INDEPENDENT_FIELDS}
-    h = hashlib.sha256(json.dumps(fields_, sort_keys=True, default=str).encode())
+    relevant = {k: v for k, v in asdict(cfg).items() if k not in STAGE_INDEPENDENT_FIELDS}
+    h = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode())
     for f in sorted(p for p in Path(teacher).rglob("*") if p.is_file()):
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -855,11 +855,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.teacher is not None:
         cfg = replace(cfg, teacher=args.teacher)
     command = "sfvideo reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
-    status = QUICK_STATUS if args.quick else FULL_STATUS if args.config is None else CUSTOM_STATUS.format(
-        config=args.config)
-    if args.overrides and not args.quick:
-        status = CUSTOM_STATUS.format(config=f"{args.config or 'configs/toy/reproduce.yaml'} with "
-                                             + ", ".join(args.overrides))
+    if args.quick:
+        status = QUICK_STATUS
+    elif args.config is None and not args.overrides:
+        status = FULL_STATUS
+    else:
+        status = CUSTOM_STATUS.format(config=" with ".join(
+            [args.config or "configs/toy/reproduce.yaml"] + ([", ".join(args.overrides)] if args.overrides else [])))
     report = run(cfg, Path(args.out), command=command.strip(), status=status, resume=not args.fresh)
     print(f"\nreport: {Path(args.out) / 'reproduction.md'}  ({report['total_minutes']:.1f} min)")
 
