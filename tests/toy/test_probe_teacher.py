@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sfvideo.probe_teacher import context_probe
-from sfvideo.toy.encoders import ToyCodec
+from sfvideo.probe_teacher import ATTRIBUTES, context_probe, swap_attribute, text_probe
+from sfvideo.toy.encoders import ToyCodec, ToyTextEncoder
 from sfvideo.toy.world import train_prompts
 
 
@@ -53,3 +53,27 @@ def test_guidance_scale_replaces_the_recorded_one_of_many_step_samplers_only():
     refreshed, _ = evaluation_engine(generator, use_ema=False, context_noise=500.0)
     assert evaluation_engine(generator, use_ema=False)[0].settings.context_noise == 0.0
     assert refreshed.settings.context_noise == 500.0
+
+
+def test_swap_attribute_changes_one_word_of_its_kind_and_keeps_two_colours_distinct():
+    p = "a red circle moving left on a dark background"
+    assert swap_attribute(p, "colour") == "a green circle moving left on a dark background"
+    assert swap_attribute(p, "shape") == "a red square moving left on a dark background"
+    assert swap_attribute(p, "direction") == "a red circle moving right on a dark background"
+    assert swap_attribute(p, "background") == "a red circle moving left on a light background"
+    two = swap_attribute("a red circle moving up and a magenta square moving down on a light background", "colour")
+    assert two == "a green circle moving up and a cyan square moving down on a light background"
+
+
+def test_the_text_probe_sees_exactly_the_words_a_denoiser_reads():
+    # the flow depends on the prompt only through token 1 (the colour word of a one-object prompt)
+    text = ToyTextEncoder()
+    flow = lambda x, sigma, cond: x * (1 + cond[:, 1].mean(-1).view(-1, 1, 1, 1, 1))  # noqa: E731
+    eng = SimpleNamespace(decoder=ToyCodec(spatial_stride=4), device=torch.device("cpu"), dtype=torch.float32,
+                          encode=text.encode, denoiser=SimpleNamespace(flow=flow))
+    report = text_probe(eng, PROMPTS, SIGMAS, seed=0)
+    assert set(report) == {"0.5", "0.9"}
+    for r in report.values():
+        assert set(r) == set(ATTRIBUTES)
+        assert r["colour"] > 0.01
+        assert r["shape"] == r["direction"] == r["background"] == 0.0

@@ -185,7 +185,33 @@ def test_logit_normal_levels_follow_their_density():
     assert levels <= set(N4.sigmas(torch.float32).tolist())
 
 
+def test_frame_level_fraction_gives_that_share_of_samples_one_level_per_frame():
+    kw = dict(sigma_sampling="logit_normal", logit_mean=0.5, logit_std=1.0)
+    base, _ = module("bidirectional", **kw)
+    off, _ = module("bidirectional", frame_level_fraction=0.0, **kw)
+    half, _ = module("bidirectional", frame_level_fraction=0.5, **kw)
+    n = 2000
+    ref = base.sample_sigma(n, torch.Generator().manual_seed(0))
+    # Fraction 0 draws nothing extra: an earlier teacher run replays exactly.
+    assert torch.equal(off.sample_sigma(n, torch.Generator().manual_seed(0)), ref)
+    sigma = half.sample_sigma(n, torch.Generator().manual_seed(0))
+    own = ~(sigma == sigma[:, :1]).all(1)
+    assert abs(own.float().mean().item() - 0.5) < 0.05  # binomial sd 0.011
+    # The per-sample draw comes first, so the other samples keep the levels of fraction 0.
+    assert torch.equal(sigma[~own], ref[~own])
+    # Per-frame levels follow the same density: logit median 0.5 (standard error ~0.01 over these draws).
+    assert torch.logit(sigma[own].double()).median().item() == pytest.approx(0.5, abs=0.05)
+    # The network gets them per frame.
+    m, batch = module("bidirectional", batch=8, frame_level_fraction=1.0)
+    m.flow_matching_loss(batch, 0)
+    assert m.model.calls[0]["timestep"].shape == (8, GEO.num_frames)
+
+
 def test_teacher_only_options_are_checked():
+    with pytest.raises(ValueError, match="frame_level_fraction is a teacher option"):
+        module("block_causal", frame_level_fraction=0.5)
+    with pytest.raises(ValueError, match=r"frame_level_fraction must be in \[0, 1\]"):
+        module("bidirectional", frame_level_fraction=1.5)
     with pytest.raises(ValueError, match="teacher option"):
         module("block_causal", sigma_sampling="logit_normal")
     with pytest.raises(ValueError, match="sigma_sampling must be grid or logit_normal"):

@@ -98,6 +98,14 @@ class FlowMatchingDiffusion(TrainingModule):
             ``logit_normal`` (see the module docstring); DF/TF always draw from the grid (official).
         logit_mean: ``m`` of ``logit_normal``.
         logit_std: ``s`` of ``logit_normal``.
+        frame_level_fraction: teacher only: share of samples whose latent frames each get their own level,
+            drawn independently from ``sigma_sampling`` (diffusion-forcing-style noise for a bidirectional
+            model, Chen et al. 2024); the rest keep one level per sample. 0 (default) draws nothing extra, so
+            earlier runs replay exactly. Why: with one level per clip the noisy clip itself shows the motion
+            wherever it shows the object, so the direction word of a toy prompt is redundant for the loss and
+            the toy teachers learned to ignore it (docs/toy_teacher.md "The direction word"); a sample with
+            some frames nearly clean and others noisy is one where carrying content along the prompted
+            motion pays.
         optim: gradient clipping (off by default) and accumulation.
         ema: EMA of the weights (the exported teacher is the EMA when on).
         sampling: how the trained model is sampled (recorded for inference): steps, shift, guidance, solver.
@@ -130,6 +138,7 @@ class FlowMatchingDiffusion(TrainingModule):
         sigma_sampling: Literal["grid", "logit_normal"] = "grid",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
+        frame_level_fraction: float = 0.0,
         optim: OptimConfig = OptimConfig(grad_clip=0.0),
         ema: EMAConfig = EMAConfig(decay=0.0, start_step=0),
         sampling: ManyStepSampling = ManyStepSampling(),
@@ -176,6 +185,13 @@ class FlowMatchingDiffusion(TrainingModule):
             )
         if logit_std <= 0:
             raise ValueError(f"--model.init_args.logit_std must be positive, got {logit_std}")
+        if not 0.0 <= frame_level_fraction <= 1.0:
+            raise ValueError(f"--model.init_args.frame_level_fraction must be in [0, 1], got {frame_level_fraction}")
+        if frame_level_fraction and attention != "bidirectional":
+            raise ValueError(
+                "--model.init_args.frame_level_fraction is a teacher option: DF/TF already draw one level per chunk "
+                f"(attention is {attention})"
+            )
         self.check_network_sources({"model": (model, model_overrides)})
         self.attention = attention
         if loss_weight is None:
@@ -221,7 +237,8 @@ class FlowMatchingDiffusion(TrainingModule):
         """The training noise levels ``(B, F)``: the one place they are drawn.
 
         Teacher: one level per sample (``sigma_sampling``: uniform on the shifted ``N``-point grid, or shifted
-        logit-normal), repeated over the frames. DF/TF:
+        logit-normal), repeated over the frames; with ``frame_level_fraction`` that share of samples gets one
+        level per frame from the same density instead. DF/TF:
         one level per chunk, an index uniform into the same grid (official ``model/diffusion.py``,
         ``forcing.sample_forcing_sigmas``).
         """
@@ -230,13 +247,20 @@ class FlowMatchingDiffusion(TrainingModule):
             return sample_forcing_sigmas(self.schedule, batch, geo.num_frames, geo.frames_per_chunk, g,
                                          device=self.device)
         h = self.hparams
+        sigma = self._teacher_sigma((batch,), g)[:, None].expand(batch, geo.num_frames)
+        if h.frame_level_fraction > 0:  # drawn after the per-sample levels: fraction 0 replays earlier runs
+            own = torch.rand((batch,), generator=g, device=g.device) < h.frame_level_fraction
+            sigma = torch.where(own[:, None], self._teacher_sigma((batch, geo.num_frames), g), sigma)
+        return sigma
+
+    def _teacher_sigma(self, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+        """Levels of ``shape`` from the teacher's ``sigma_sampling`` density."""
+        h = self.hparams
         if h.sigma_sampling == "logit_normal":
-            n = torch.randn((batch,), generator=g, device=g.device)
-            sigma = self.schedule.shift_sigma(torch.sigmoid(h.logit_mean + h.logit_std * n))
-        else:
-            u = torch.randint(0, self.schedule.num_train_timesteps, (batch,), generator=g, device=g.device)
-            sigma = self.schedule.shift_sigma(1.0 - u.float() / self.schedule.num_train_timesteps)
-        return sigma[:, None].expand(batch, geo.num_frames)
+            n = torch.randn(shape, generator=g, device=g.device)
+            return self.schedule.shift_sigma(torch.sigmoid(h.logit_mean + h.logit_std * n))
+        u = torch.randint(0, self.schedule.num_train_timesteps, shape, generator=g, device=g.device)
+        return self.schedule.shift_sigma(1.0 - u.float() / self.schedule.num_train_timesteps)
 
     def flow_matching_loss(self, batch: dict[str, Any], micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Flow-matching loss on one (micro-)batch of clips (see the module docstring for the steps)."""
@@ -257,8 +281,9 @@ class FlowMatchingDiffusion(TrainingModule):
                            augmentation_max_timestep=h.noise_augmentation_max_timestep,
                            augmentation_indexing=h.augmentation_indexing, sigma=sigma)
         if self.attention == "bidirectional":
-            # The teacher takes one noise level per sample.
-            flow = self.denoiser("model").flow(fb.noisy, fb.sigma[:, 0], context, attention="bidirectional")
+            # The teacher takes one noise level per sample (per frame with frame_level_fraction).
+            sigma = fb.sigma if h.frame_level_fraction > 0 else fb.sigma[:, 0]
+            flow = self.denoiser("model").flow(fb.noisy, sigma, context, attention="bidirectional")
         else:
             flow = forcing_forward(self.denoiser("model"), fb.noisy, fb.sigma, context,
                                    frames_per_chunk=self.geometry.frames_per_chunk, clean_x=fb.clean_x,
