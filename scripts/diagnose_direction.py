@@ -5,8 +5,9 @@ Results in docs/toy_teacher.md "The direction word".
 
 Three readings (``sfvideo probe-teacher``'s text probe is the fourth: the same question on clips at one level):
 
-1. ``mixed``: the first latent frame of real clips (scene seeds 50000+i) nearly clean (σ ``--first_sigma``) and the
-   others at σ ``--rest_sigma``: the setting where the position is known and the direction is not, so a teacher
+1. ``mixed``: the first ``--first_frames`` latent frames of real clips (scene seeds 50000+i) nearly clean (σ
+   ``--first_sigma``; 0 is the clean prefix of ``clean_prefix_fraction``) and the others at σ
+   ``--rest_sigma``: the setting where the position is known and the direction is not, so a teacher
    that uses the word must change its flow when the word is swapped (``probe_teacher.swap_attribute``) and lose
    loss with the wrong one. Prints the relative change of the flow and the flow-matching loss over the noisy
    frames with the true and the swapped word.
@@ -24,7 +25,8 @@ import argparse
 import torch
 
 
-def mixed_reading(engine, prompts: list[str], first_sigma: float, rest_sigma: float) -> dict[str, float]:
+def mixed_reading(engine, prompts: list[str], first_sigma: float, rest_sigma: float,
+                  first_frames: int = 1) -> dict[str, float]:
     from sfvideo.diffusion.schedule import add_noise, flow_target
     from sfvideo.probe_teacher import real_latents, swap_attribute
 
@@ -32,7 +34,7 @@ def mixed_reading(engine, prompts: list[str], first_sigma: float, rest_sigma: fl
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)
     b, f = x0.shape[:2]
     sigma = torch.full((b, f), rest_sigma, device=x0.device)
-    sigma[:, 0] = first_sigma
+    sigma[:, :first_frames] = first_sigma
     x = add_noise(x0, noise, sigma.view(b, f, 1, 1, 1))
     target = flow_target(x0, noise)
     with torch.no_grad():
@@ -40,7 +42,7 @@ def mixed_reading(engine, prompts: list[str], first_sigma: float, rest_sigma: fl
         swapped = engine.denoiser.flow(x, sigma, engine.encode([swap_attribute(p, "direction") for p in prompts]))
 
     def loss(flow: torch.Tensor) -> float:
-        return float(((flow - target)[:, 1:] ** 2).mean())
+        return float(((flow - target)[:, first_frames:] ** 2).mean())
 
     return {"change": float((swapped - true).norm() / true.norm()), "loss_true": loss(true),
             "loss_swapped": loss(swapped)}
@@ -52,6 +54,7 @@ def main() -> None:
     p.add_argument("--num_eval", type=int, default=16, help="training prompts of the mixed reading")
     p.add_argument("--first_sigma", type=float, default=0.05)
     p.add_argument("--rest_sigma", type=float, default=0.9)
+    p.add_argument("--first_frames", type=int, default=1, help="latent frames at --first_sigma")
     p.add_argument("--trajectories", type=int, default=0, help="samples whose centroids are printed")
     p.add_argument("--sweep", default="", help='sampler settings "SHIFT,GUIDANCE;..." scored on 16 prompts')
     p.add_argument("--ema", action="store_true", help="a Lightning checkpoint's EMA weights")
@@ -67,9 +70,11 @@ def main() -> None:
 
     ckpt = read_checkpoint(args.source)
     engine, _ = evaluation_engine(ckpt, use_ema=args.ema)
-    r = mixed_reading(engine, toy_eval_prompts(args.num_eval, 0)["train"], args.first_sigma, args.rest_sigma)
-    print(f"mixed (first frame σ {args.first_sigma:g}, rest σ {args.rest_sigma:g}): flow change when the direction "
-          f"word is swapped {r['change']:.2%}; loss true {r['loss_true']:.4f}, swapped {r['loss_swapped']:.4f}")
+    r = mixed_reading(engine, toy_eval_prompts(args.num_eval, 0)["train"], args.first_sigma, args.rest_sigma,
+                      args.first_frames)
+    print(f"mixed (first {args.first_frames} frame(s) σ {args.first_sigma:g}, rest σ {args.rest_sigma:g}): "
+          f"flow change when the direction word is swapped {r['change']:.2%}; "
+          f"loss true {r['loss_true']:.4f}, swapped {r['loss_swapped']:.4f}")
 
     if args.trajectories:
         prompts = toy_eval_prompts(args.trajectories, 1)["train"]

@@ -61,6 +61,24 @@ def test_weighted_flow_loss_against_a_hand_computation():
         weighted_flow_loss(pred, target, weight[:, :2])
 
 
+def test_weighted_flow_loss_mask_averages_over_the_kept_frames_only():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 3, 2, 2, 2, generator=g), torch.randn(2, 3, 2, 2, 2, generator=g)
+    weight = torch.rand(2, 3, generator=g)
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+    loss, logs = weighted_flow_loss(pred, target, weight, mask)
+    kept = [(b, f) for b in range(2) for f in range(3) if mask[b, f]]
+    per = {bf: ((pred[bf] - target[bf]) ** 2).mean() for bf in kept}
+    torch.testing.assert_close(loss, sum(weight[bf] * per[bf] for bf in kept) / len(kept))
+    torch.testing.assert_close(logs["flow_mse"], sum(per.values()) / len(kept))
+    # Whatever the prediction of a masked frame, neither output moves.
+    pred2 = pred.clone()
+    pred2[0, 0] += 100.0
+    assert torch.equal(weighted_flow_loss(pred2, target, weight, mask)[0], loss)
+    with pytest.raises(ValueError, match="mask"):
+        weighted_flow_loss(pred, target, weight, mask[:, :2])
+
+
 def test_chunk_indices_are_constant_per_chunk_and_uniform():
     gen = torch.Generator().manual_seed(0)
     idx = sample_chunk_indices(2000, 6, 3, 5, gen)

@@ -207,11 +207,47 @@ def test_frame_level_fraction_gives_that_share_of_samples_one_level_per_frame():
     assert m.model.calls[0]["timestep"].shape == (8, GEO.num_frames)
 
 
+def test_clean_prefix_fraction_gives_that_share_a_clean_first_chunk_left_out_of_the_loss():
+    kw = dict(sigma_sampling="logit_normal", logit_mean=0.5, logit_std=1.0)
+    base, _ = module("bidirectional", **kw)
+    half, _ = module("bidirectional", clean_prefix_fraction=0.5, **kw)
+    n = 2000
+    ref = base.sample_sigma(n, torch.Generator().manual_seed(0))
+    sigma = half.sample_sigma(n, torch.Generator().manual_seed(0))
+    k = GEO.frames_per_chunk
+    clean = (sigma[:, :k] == 0).all(1)
+    assert abs(clean.float().mean().item() - 0.5) < 0.05  # binomial sd 0.011
+    # Drawn last: every other level is the one of fraction 0, and only the first chunk is ever clean.
+    assert torch.equal(sigma[~clean], ref[~clean]) and torch.equal(sigma[clean, k:], ref[clean, k:])
+    assert (sigma[:, k:] > 0).all()
+    # The loss is the mean squared error over the noisy frames only: OFFSET[f]^2 of frames k.. (uniform weight;
+    # the clean frames' prediction, NaN here since x_t = 0 at sigma 0, does not enter).
+    m, batch = module("bidirectional", batch=8, clean_prefix_fraction=1.0)
+    loss, logs = m.flow_matching_loss(batch, 0)
+    assert m.model.calls[0]["timestep"].shape == (8, GEO.num_frames)
+    assert (m.model.calls[0]["timestep"][:, :k] == 0).all()
+    expected = float((OFFSET[k:] ** 2).mean())
+    assert loss.item() == pytest.approx(expected) and logs["flow_mse"].item() == pytest.approx(expected)
+    # A one-frame prefix (clean_prefix_frames 1): only frame 0 is clean and left out.
+    m, batch = module("bidirectional", batch=8, clean_prefix_fraction=1.0, clean_prefix_frames=1)
+    loss, _ = m.flow_matching_loss(batch, 0)
+    t = m.model.calls[0]["timestep"]
+    assert (t[:, 0] == 0).all() and (t[:, 1:] > 0).all()
+    assert loss.item() == pytest.approx(float((OFFSET[1:] ** 2).mean()))
+
+
 def test_teacher_only_options_are_checked():
     with pytest.raises(ValueError, match="frame_level_fraction is a teacher option"):
         module("block_causal", frame_level_fraction=0.5)
     with pytest.raises(ValueError, match=r"frame_level_fraction must be in \[0, 1\]"):
         module("bidirectional", frame_level_fraction=1.5)
+    with pytest.raises(ValueError, match="clean_prefix_fraction is a teacher option"):
+        module("teacher_forcing", clean_prefix_fraction=0.5)
+    with pytest.raises(ValueError, match=r"clean_prefix_fraction must be in \[0, 1\]"):
+        module("bidirectional", clean_prefix_fraction=-0.1)
+    for frames in (0, GEO.num_frames):
+        with pytest.raises(ValueError, match=r"clean_prefix_frames must be in \[1, num_frames\)"):
+            module("bidirectional", clean_prefix_fraction=0.5, clean_prefix_frames=frames)
     with pytest.raises(ValueError, match="teacher option"):
         module("block_causal", sigma_sampling="logit_normal")
     with pytest.raises(ValueError, match="sigma_sampling must be grid or logit_normal"):

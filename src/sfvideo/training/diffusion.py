@@ -106,6 +106,13 @@ class FlowMatchingDiffusion(TrainingModule):
             the toy teachers learned to ignore it (docs/toy_teacher.md "The direction word"); a sample with
             some frames nearly clean and others noisy is one where carrying content along the prompted
             motion pays.
+        clean_prefix_fraction: teacher only: share of samples whose first ``clean_prefix_frames`` latent frames
+            are given clean (sigma 0) and left out of the loss, image-to-video style; the rest of the clip keeps
+            its levels. 0 (default) draws nothing extra. Why: one clean frame shows where the objects are but
+            not where they go, so here, unlike with per-frame levels, only the direction word tells the motion of
+            the noisy frames (docs/toy_teacher.md "The direction word").
+        clean_prefix_frames: length of that clean prefix in latent frames; None (default) is the first chunk
+            (``frames_per_chunk``), the setting of chunk-wise image-to-video; 1 shows no motion at all.
         optim: gradient clipping (off by default) and accumulation.
         ema: EMA of the weights (the exported teacher is the EMA when on).
         sampling: how the trained model is sampled (recorded for inference): steps, shift, guidance, solver.
@@ -139,6 +146,8 @@ class FlowMatchingDiffusion(TrainingModule):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         frame_level_fraction: float = 0.0,
+        clean_prefix_fraction: float = 0.0,
+        clean_prefix_frames: int | None = None,
         optim: OptimConfig = OptimConfig(grad_clip=0.0),
         ema: EMAConfig = EMAConfig(decay=0.0, start_step=0),
         sampling: ManyStepSampling = ManyStepSampling(),
@@ -192,6 +201,20 @@ class FlowMatchingDiffusion(TrainingModule):
                 "--model.init_args.frame_level_fraction is a teacher option: DF/TF already draw one level per chunk "
                 f"(attention is {attention})"
             )
+        if not 0.0 <= clean_prefix_fraction <= 1.0:
+            raise ValueError(f"--model.init_args.clean_prefix_fraction must be in [0, 1], got {clean_prefix_fraction}")
+        if clean_prefix_fraction and attention != "bidirectional":
+            raise ValueError(
+                "--model.init_args.clean_prefix_fraction is a teacher option: TF gives its clean context through "
+                f"attention teacher_forcing (attention is {attention})"
+            )
+        prefix = geometry.frames_per_chunk if clean_prefix_frames is None else clean_prefix_frames
+        if clean_prefix_fraction and not 0 < prefix < geometry.num_frames:
+            raise ValueError(
+                f"--model.init_args.clean_prefix_frames must be in [1, num_frames) = [1, {geometry.num_frames}) "
+                f"so that noisy frames follow the clean prefix, got {prefix}"
+            )
+        self.clean_prefix_frames = prefix
         self.check_network_sources({"model": (model, model_overrides)})
         self.attention = attention
         if loss_weight is None:
@@ -238,7 +261,8 @@ class FlowMatchingDiffusion(TrainingModule):
 
         Teacher: one level per sample (``sigma_sampling``: uniform on the shifted ``N``-point grid, or shifted
         logit-normal), repeated over the frames; with ``frame_level_fraction`` that share of samples gets one
-        level per frame from the same density instead. DF/TF:
+        level per frame from the same density instead; with ``clean_prefix_fraction`` that share (drawn after)
+        gets level 0 on its first ``clean_prefix_frames`` frames, which the loss leaves out. DF/TF:
         one level per chunk, an index uniform into the same grid (official ``model/diffusion.py``,
         ``forcing.sample_forcing_sigmas``).
         """
@@ -251,6 +275,10 @@ class FlowMatchingDiffusion(TrainingModule):
         if h.frame_level_fraction > 0:  # drawn after the per-sample levels: fraction 0 replays earlier runs
             own = torch.rand((batch,), generator=g, device=g.device) < h.frame_level_fraction
             sigma = torch.where(own[:, None], self._teacher_sigma((batch, geo.num_frames), g), sigma)
+        if h.clean_prefix_fraction > 0:  # drawn last, so that the other draws replay
+            clean = torch.rand((batch,), generator=g, device=g.device) < h.clean_prefix_fraction
+            prefix = torch.arange(geo.num_frames, device=sigma.device) < self.clean_prefix_frames
+            sigma = torch.where(clean[:, None] & prefix[None], torch.zeros_like(sigma), sigma)
         return sigma
 
     def _teacher_sigma(self, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -280,16 +308,22 @@ class FlowMatchingDiffusion(TrainingModule):
                            generator=g, teacher_forcing=self.attention == "teacher_forcing",
                            augmentation_max_timestep=h.noise_augmentation_max_timestep,
                            augmentation_indexing=h.augmentation_indexing, sigma=sigma)
+        mask = None
         if self.attention == "bidirectional":
-            # The teacher takes one noise level per sample (per frame with frame_level_fraction).
-            sigma = fb.sigma if h.frame_level_fraction > 0 else fb.sigma[:, 0]
+            # The teacher takes one noise level per sample (per frame with frame_level_fraction or a clean prefix).
+            per_frame = h.frame_level_fraction > 0 or h.clean_prefix_fraction > 0
+            sigma = fb.sigma if per_frame else fb.sigma[:, 0]
+            if h.clean_prefix_fraction > 0:
+                # Level 0 marks the clean prefix (the training densities never draw 0): its target eps - x0 is
+                # not observable, so it is left out of the loss.
+                mask = fb.sigma > 0
             flow = self.denoiser("model").flow(fb.noisy, sigma, context, attention="bidirectional")
         else:
             flow = forcing_forward(self.denoiser("model"), fb.noisy, fb.sigma, context,
                                    frames_per_chunk=self.geometry.frames_per_chunk, clean_x=fb.clean_x,
                                    clean_sigma=fb.clean_sigma, flow=True)
         weight = fb.weight if self.loss_weight == "schedule" else torch.ones_like(fb.weight)
-        return weighted_flow_loss(flow, fb.target, weight)
+        return weighted_flow_loss(flow, fb.target, weight, mask)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         opt = self.optimizers()
