@@ -194,20 +194,15 @@ class FlowMatchingDiffusion(TrainingModule):
             )
         if logit_std <= 0:
             raise ValueError(f"--model.init_args.logit_std must be positive, got {logit_std}")
-        if not 0.0 <= frame_level_fraction <= 1.0:
-            raise ValueError(f"--model.init_args.frame_level_fraction must be in [0, 1], got {frame_level_fraction}")
-        if frame_level_fraction and attention != "bidirectional":
-            raise ValueError(
-                "--model.init_args.frame_level_fraction is a teacher option: DF/TF already draw one level per chunk "
-                f"(attention is {attention})"
-            )
-        if not 0.0 <= clean_prefix_fraction <= 1.0:
-            raise ValueError(f"--model.init_args.clean_prefix_fraction must be in [0, 1], got {clean_prefix_fraction}")
-        if clean_prefix_fraction and attention != "bidirectional":
-            raise ValueError(
-                "--model.init_args.clean_prefix_fraction is a teacher option: TF gives its clean context through "
-                f"attention teacher_forcing (attention is {attention})"
-            )
+        for name, value, why in (
+            ("frame_level_fraction", frame_level_fraction, "DF/TF already draw one level per chunk"),
+            ("clean_prefix_fraction", clean_prefix_fraction,
+             "TF gives its clean context through attention teacher_forcing"),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"--model.init_args.{name} must be in [0, 1], got {value}")
+            if value and attention != "bidirectional":
+                raise ValueError(f"--model.init_args.{name} is a teacher option: {why} (attention is {attention})")
         prefix = geometry.frames_per_chunk if clean_prefix_frames is None else clean_prefix_frames
         if clean_prefix_fraction and not 0 < prefix < geometry.num_frames:
             raise ValueError(
